@@ -1,0 +1,1 @@
+"""Offline side: the embedded skill world, model bootstrap, and (next) CycleQD over genomes."""

@@ -1,0 +1,254 @@
+"""``cycleqd-evolve bootstrap``: train the embedded default's base model, its experts and the multi-task baseline.
+
+Recipe (what makes the experts mergeable, see DEVELOPERS.md): the base learns every skill at difficulty levels
+1-2 only, so it is moderate everywhere; each expert is a short, low-learning-rate fine-tune of the base on every
+level of its own skill, with ``replay`` of the other skills' base data, so its task vector stays small and
+mostly touches its own skill. The multi-task baseline gets the experts' total compute on all skills' data.
+
+The output directory holds one model directory per role plus ``bootstrap.json`` (config, accuracy matrix,
+timings). A model whose ``cycleqd.json`` records the same config is reused instead of retrained, so an
+interrupted bootstrap resumes and ``make demo`` reruns in seconds; ``--force`` retrains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from evolve.config import BootstrapConfig
+from evolve.engines.hf import TransformersEngine
+from evolve.merge import average
+from evolve.models.modeling import META_FILE, ModelError, load_model, new_model, read_meta, save_model
+from evolve.models.tokenizer import train_tokenizer
+from evolve.models.train import Example, TrainSpec, encode, train
+from evolve.skills import get_skill
+from evolve.skills.base import format_prompt
+
+FORMAT_VERSION = 1
+REPORT_FILE = "bootstrap.json"
+
+
+class BootstrapError(RuntimeError):
+    """The output directory cannot be used; nothing in it has been changed."""
+
+
+def config_hash(config: BootstrapConfig) -> str:
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def model_dirs(out: Path, config: BootstrapConfig) -> dict[str, Path]:
+    """Role -> model directory, in table order."""
+    dirs = {"base": out / "base"}
+    dirs.update({f"expert:{s}": out / "experts" / s for s in config.skills})
+    dirs["multitask"] = out / "multitask"
+    return dirs
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse a directory that holds anything but an earlier bootstrap, so that nothing foreign is touched."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BootstrapError(f"{out}: exists and is not a directory; choose another --out")
+    report = out / REPORT_FILE
+    if report.exists():
+        try:
+            data = json.loads(report.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BootstrapError(f"{report}: corrupt ({exc}); move it away or choose another --out") from exc
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version != FORMAT_VERSION:
+            raise BootstrapError(
+                f"{report}: field 'format_version' is {version!r}, expected {FORMAT_VERSION}; choose another --out"
+            )
+        return
+    ours = {"base", "experts", "multitask"}
+    foreign = [p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")]
+    if foreign:
+        raise BootstrapError(
+            f"{out}: not a bootstrap directory (it holds {', '.join(sorted(foreign)[:3])}); choose another --out"
+        )
+
+
+def run_bootstrap(
+    config: BootstrapConfig, out: Path, *, force: bool = False, console: Console | None = None
+) -> dict[str, Any]:
+    """Train (or reuse) every model, score them on test and write ``bootstrap.json``. Returns the report."""
+    console = console or Console()
+    out = Path(out)
+    check_output_dir(out)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    started = time.perf_counter()
+    chash = config_hash(config)
+    dirs = model_dirs(out, config)
+    skills = {name: get_skill(name) for name in config.skills}
+    timings: dict[str, float] = {}
+
+    def data_for(tok: PreTrainedTokenizerFast, levels: list[int]) -> dict[str, list[Example]]:
+        return {
+            name: encode(tok, task.items("train", config.train_items_per_skill, seed=config.seed, levels=levels))
+            for name, task in skills.items()
+        }
+
+    def reusable(path: Path) -> bool:
+        if force or not (path / META_FILE).is_file():
+            return False
+        try:
+            return read_meta(path).get("config_hash") == chash
+        except ModelError:
+            return False
+
+    models: dict[str, LlamaForCausalLM] = {}
+    with Progress(
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+
+        def phase(role: str, spec: TrainSpec, start: LlamaForCausalLM | None, data, seed: int) -> None:
+            path = dirs[role]
+            if reusable(path):
+                models[role], _ = load_model(path)
+                progress.add_task(f"{role} (reused)", total=1, completed=1, loss="-")
+                return
+            t0 = time.perf_counter()
+            task = progress.add_task(role, total=spec.steps, loss="-")
+            model = new_model(config.arch, tok, seed=seed) if start is None else _clone(start)
+            losses = train(
+                model,
+                data,
+                spec,
+                pad_id=tok.pad_token_id,
+                seed=seed,
+                on_step=_ticker(progress, task),
+            )
+            meta = {
+                "role": role.split(":")[0],
+                "skill": role.split(":")[1] if ":" in role else None,
+                "config_hash": chash,
+                "train": spec.model_dump(),
+                "final_loss": losses[-1] if losses else None,
+            }
+            save_model(model, tok, path, meta)
+            models[role] = model
+            timings[role] = time.perf_counter() - t0
+
+        if reusable(dirs["base"]):
+            _, tok = load_model(dirs["base"])
+        else:
+            texts = [
+                format_prompt(i.prompt) + " " + i.answer
+                for task in skills.values()
+                for i in task.items("train", config.train_items_per_skill, seed=config.seed)
+            ]
+            tok = train_tokenizer(texts, vocab_size=config.vocab_size)
+        base_data = data_for(tok, config.base.levels)
+        full_data = data_for(tok, config.expert.levels)
+        b, e = config.base, config.expert
+        phase(
+            "base",
+            TrainSpec(steps=b.steps, lr=b.lr, batch_size=b.batch_size, mixture=dict.fromkeys(skills, 1.0)),
+            None,
+            base_data,
+            config.seed,
+        )
+        for i, name in enumerate(skills):
+            others = [s for s in skills if s != name]
+            mixture = {name: 1.0 - config.replay, **{f"replay:{s}": config.replay / len(others) for s in others}}
+            data = {name: full_data[name], **{f"replay:{s}": base_data[s] for s in others}}
+            spec = TrainSpec(steps=e.steps, lr=e.lr, batch_size=e.batch_size, mixture=mixture)
+            phase(f"expert:{name}", spec, models["base"], data, config.seed + 1 + i)
+        spec = TrainSpec(
+            steps=e.steps * len(skills), lr=e.lr, batch_size=e.batch_size, mixture=dict.fromkeys(skills, 1.0)
+        )
+        phase("multitask", spec, models["base"], full_data, config.seed + 100)
+
+    t0 = time.perf_counter()
+    accuracy = accuracy_matrix(models, tok, config, console)
+    timings["evaluation"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    report = {
+        "format_version": FORMAT_VERSION,
+        "config": config.model_dump(),
+        "config_hash": chash,
+        "models": {role: str(p.relative_to(out)) for role, p in dirs.items()},
+        "accuracy": accuracy,
+        "timings_s": timings,
+    }
+    _write_json_atomic(out / REPORT_FILE, report)
+    console.print(render_matrix(accuracy, config.skills))
+    return report
+
+
+def accuracy_matrix(
+    models: dict[str, LlamaForCausalLM], tok: PreTrainedTokenizerFast, config: BootstrapConfig, console: Console
+) -> dict[str, dict[str, float]]:
+    """Test accuracy per skill of every model, the plain average of all experts and of every expert pair."""
+    engine = TransformersEngine(_clone(models["base"]), tok)
+    base_sd = {k: v.clone() for k, v in models["base"].state_dict().items()}
+    experts = {s: models[f"expert:{s}"].state_dict() for s in config.skills}
+    rows: dict[str, dict[str, torch.Tensor]] = {role: m.state_dict() for role, m in models.items()}
+    rows["average(all experts)"] = average(base_sd, list(experts.values()))
+    names = list(config.skills)
+    for i, a in enumerate(names):
+        for bname in names[i + 1 :]:
+            rows[f"average({a}+{bname})"] = average(base_sd, [experts[a], experts[bname]])
+    skills = {name: get_skill(name) for name in config.skills}
+    matrix: dict[str, dict[str, float]] = {}
+    with console.status("scoring every model on the test split") as status:
+        for role, sd in rows.items():
+            status.update(f"scoring {role} on the test split")
+            engine.load_state_dict({k: sd[k] for k in engine.state_dict()})
+            scores = {
+                s: task.evaluate(engine, "test", config.test_items, seed=config.seed).quality
+                for s, task in skills.items()
+            }
+            scores["mean"] = sum(scores.values()) / len(scores)
+            matrix[role] = scores
+    return matrix
+
+
+def render_matrix(accuracy: dict[str, dict[str, float]], skills: list[str], title: str = "Test accuracy") -> Table:
+    table = Table(title=title)
+    table.add_column("model")
+    for s in [*skills, "mean"]:
+        table.add_column(s, justify="right")
+    for role, scores in accuracy.items():
+        table.add_row(role, *(f"{100 * scores[s]:.1f}" for s in [*skills, "mean"]))
+    return table
+
+
+def _clone(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    copy = LlamaForCausalLM(model.config)
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
+def _ticker(progress: Progress, task: Any) -> Callable[[int, float], None]:
+    def on_step(step: int, loss: float) -> None:
+        progress.update(task, advance=1, loss=f"{loss:.3f}")
+
+    return on_step
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+    os.replace(tmp, path)

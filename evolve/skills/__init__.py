@@ -1,0 +1,41 @@
+"""The embedded skill world: three skills mirroring the paper's coding, OS and database tasks."""
+
+from __future__ import annotations
+
+from evolve.skills.base import SPLITS, Item, SkillTask, Split, TaskResult, format_prompt
+
+__all__ = [
+    "SKILL_NAMES",
+    "SPLITS",
+    "Item",
+    "SkillTask",
+    "Split",
+    "TaskResult",
+    "UnknownSkillError",
+    "format_prompt",
+    "get_skill",
+]
+
+#: Skill names in their canonical order (the cycle order of CycleQD and the column order of every table).
+SKILL_NAMES: tuple[str, ...] = ("code", "os", "db")
+
+
+class UnknownSkillError(ValueError):
+    """Raised for a skill name that is not built in."""
+
+
+def get_skill(name: str) -> SkillTask:
+    """A fresh task object for ``name``; the error lists the skills that exist."""
+    if name == "code":
+        from evolve.skills.code import CodeTask
+
+        return CodeTask()
+    if name == "os":
+        from evolve.skills.shell import ShellTask
+
+        return ShellTask()
+    if name == "db":
+        from evolve.skills.db import DbTask
+
+        return DbTask()
+    raise UnknownSkillError(f"unknown skill {name!r}: the built-in skills are {', '.join(SKILL_NAMES)}")

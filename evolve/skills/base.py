@@ -1,0 +1,179 @@
+"""The task interface shared by the embedded skill world and, later, real evaluation harnesses.
+
+A skill is a seeded generator of :class:`Item` objects plus a grader. Splits are assigned from a hash of an
+item's *parameters* (template and its constants, never the phrasing), so no test item's parameters can appear
+in training, however the generator is seeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Split = Literal["train", "validation", "test"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+
+#: Fraction of the parameter space in each split. Evolution selects on validation, numbers are reported on test.
+SPLIT_FRACTIONS: dict[Split, float] = {"train": 0.7, "validation": 0.15, "test": 0.15}
+
+#: The prompt suffix that every model in this project answers after. Kept in one place because the tokenizer's
+#: chat template, the trainer and every engine must agree on it.
+ANSWER_CUE = "\nAnswer:"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One task instance: the prompt a model sees, a gold answer and what the grader needs to score."""
+
+    skill: str
+    template: str
+    params: tuple
+    level: int
+    prompt: str
+    answer: str
+
+    @property
+    def key(self) -> str:
+        """Identity of the item's parameters; the phrasing is deliberately not part of it."""
+        return f"{self.skill}|{self.template}|{self.params!r}"
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Scores of one engine on one split of one skill. ``quality`` is the mean score (0..1)."""
+
+    skill: str
+    split: Split
+    scores: list[float]
+    answers: list[str] = field(repr=False)
+
+    @property
+    def quality(self) -> float:
+        return sum(self.scores) / len(self.scores) if self.scores else 0.0
+
+
+class Generator(Protocol):
+    """What a skill task needs from an engine: greedy completions for a batch of prompts."""
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]: ...
+
+
+def split_of(key: str) -> Split:
+    """Deterministic split of an item from its parameter key (stable across Python runs and machines)."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+    edge = 0.0
+    for split in SPLITS:
+        edge += SPLIT_FRACTIONS[split]
+        if h < edge:
+            return split
+    return SPLITS[-1]
+
+
+@dataclass(frozen=True)
+class Template:
+    """A family of items: ``params`` enumerates its parameter space, ``render`` makes an item from one tuple."""
+
+    name: str
+    level: int
+    phrasings: tuple[str, ...]
+
+
+class SkillTask(ABC):
+    """A skill: a parameter space split three ways, phrasings, gold answers and an execution grader."""
+
+    name: str
+    #: Generous answer budget in tokens: the graders only need the first line.
+    max_new_tokens: int = 48
+    levels: tuple[int, ...] = (1, 2, 3)
+
+    def __init__(self) -> None:
+        self._pools: dict[Split, dict[str, list[tuple]]] | None = None
+
+    # -- what each skill defines ---------------------------------------------------------------------------
+    @abstractmethod
+    def templates(self) -> Sequence[Template]: ...
+
+    @abstractmethod
+    def parameter_space(self, template: Template) -> Iterator[tuple]: ...
+
+    @abstractmethod
+    def render(self, template: Template, params: tuple, phrasing: str) -> tuple[str, str]:
+        """Return ``(prompt, gold_answer)`` for one parameter tuple and phrasing."""
+
+    @abstractmethod
+    def grade(self, items: Sequence[Item], answers: Sequence[str]) -> list[float]:
+        """Score each answer against its item, 0..1. Must never raise on a model's answer."""
+
+    # -- shared machinery ----------------------------------------------------------------------------------
+    def _pool(self, split: Split) -> dict[str, list[tuple]]:
+        """Parameter tuples of ``split``, per template (computed once per task object)."""
+        if self._pools is None:
+            pools: dict[Split, dict[str, list[tuple]]] = {s: {} for s in SPLITS}
+            for t in self.templates():
+                for params in self.parameter_space(t):
+                    pools[split_of(f"{self.name}|{t.name}|{params!r}")].setdefault(t.name, []).append(params)
+            self._pools = pools
+        return self._pools[split]
+
+    def items(self, split: Split, n: int, *, seed: int = 0, levels: Sequence[int] | None = None) -> list[Item]:
+        """``n`` items of ``split`` drawn deterministically from ``seed``.
+
+        The template is drawn uniformly first, so that templates with large parameter spaces do not crowd out
+        the others; then the next parameter tuple of that template in a seeded shuffle (repeating only once the
+        template's pool is used up). The phrasing comes from the same seeded stream.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+        wanted = set(levels) if levels is not None else set(self.levels)
+        pool = self._pool(split)
+        templates = [t for t in self.templates() if t.level in wanted and pool.get(t.name)]
+        if not templates:
+            raise ValueError(f"skill {self.name!r} has no {split} items at levels {sorted(wanted)}")
+        rng = random.Random(f"{self.name}:{split}:{seed}")
+        queues: dict[str, list[tuple]] = {}
+        out: list[Item] = []
+        for _ in range(n):
+            t = rng.choice(templates)
+            if not queues.get(t.name):
+                queues[t.name] = pool[t.name][:]
+                rng.shuffle(queues[t.name])
+            params = queues[t.name].pop()
+            prompt, answer = self.render(t, params, rng.choice(t.phrasings))
+            out.append(Item(self.name, t.name, params, t.level, prompt, answer))
+        return out
+
+    def split_size(self, split: Split) -> int:
+        """Number of distinct parameter tuples in ``split``."""
+        return sum(len(v) for v in self._pool(split).values())
+
+    def evaluate(self, engine: Generator, split: Split, limit: int, *, seed: int = 0) -> TaskResult:
+        """Generate greedily for ``limit`` items of ``split`` and grade them by execution."""
+        items = self.items(split, limit, seed=seed)
+        answers = engine.generate([format_prompt(i.prompt) for i in items], max_new_tokens=self.max_new_tokens)
+        return TaskResult(self.name, split, self.grade(items, answers), answers)
+
+
+def format_prompt(prompt: str) -> str:
+    """The exact text a model is conditioned on (the tokenizer's chat template renders the same)."""
+    return prompt + ANSWER_CUE
+
+
+def first_line(answer: str) -> str:
+    """The answer proper: models (and people) may add text after it; graders read the first non-empty line.
+
+    Markdown fences and an echoed ``Answer:`` are stripped, since a chat model will often add them.
+    """
+    text = answer.strip()
+    if text.startswith("```"):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+    for line in text.splitlines():
+        line = line.strip().strip("`").strip()
+        if line.lower().startswith("answer:"):
+            line = line[7:].strip()
+        if line:
+            return line
+    return ""

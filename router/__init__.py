@@ -1,0 +1,1 @@
+"""OpenAI-compatible gateway that routes each agent task to the best elite (not implemented yet)."""

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny tokenizer and a 2-layer Llama built in seconds, so every test runs on a CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from evolve.models.tokenizer import train_tokenizer
+    from evolve.skills import SKILL_NAMES, format_prompt, get_skill
+
+    texts = [format_prompt(i.prompt) + " " + i.answer for s in SKILL_NAMES for i in get_skill(s).items("train", 300)]
+    return train_tokenizer(texts, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_arch():
+    from evolve.models.modeling import ArchSpec
+
+    return ArchSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=128)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer, tiny_arch):
+    from evolve.models.modeling import new_model
+
+    return new_model(tiny_arch, tiny_tokenizer, seed=0)

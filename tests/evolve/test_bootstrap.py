@@ -1,0 +1,104 @@
+"""A miniature bootstrap end to end in seconds: the layout, the accuracy matrix, reuse, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from evolve.bootstrap import REPORT_FILE, BootstrapError, run_bootstrap
+from evolve.config import BootstrapConfig, PhaseConfig
+from evolve.models.modeling import ArchSpec, load_model
+
+ROWS = [
+    "base", "expert:code", "expert:os", "expert:db", "multitask",
+    "average(all experts)", "average(code+os)", "average(code+db)", "average(os+db)",
+]  # fmt: skip
+
+
+def mini_config(**kw) -> BootstrapConfig:
+    return BootstrapConfig(
+        vocab_size=300,
+        arch=ArchSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=128),
+        train_items_per_skill=60,
+        base=PhaseConfig(steps=6, lr=3e-3, batch_size=8, levels=[1, 2]),
+        expert=PhaseConfig(steps=3, lr=1e-3, batch_size=8, levels=[1, 2, 3]),
+        test_items=6,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("boot") / "models"
+    report = run_bootstrap(mini_config(), out, console=Console(quiet=True))
+    return out, report
+
+
+def test_layout_and_report(mini_run):
+    out, report = mini_run
+    assert json.loads((out / REPORT_FILE).read_text()) == report
+    assert report["format_version"] == 1
+    assert list(report["accuracy"]) == ROWS
+    for row in report["accuracy"].values():
+        assert set(row) == {"code", "os", "db", "mean"}
+        assert all(0.0 <= v <= 1.0 for v in row.values())
+        assert row["mean"] == pytest.approx((row["code"] + row["os"] + row["db"]) / 3)
+    for rel in report["models"].values():
+        model, tok = load_model(out / rel)
+        assert model.config.num_hidden_layers == 2 and len(tok) == model.config.vocab_size
+    assert report["models"]["expert:os"] == "experts/os"
+    metas = {r: json.loads((out / p / "cycleqd.json").read_text()) for r, p in report["models"].items()}
+    assert metas["expert:db"]["skill"] == "db" and metas["multitask"]["train"]["steps"] == 3 * 3
+
+
+def test_experts_are_short_fine_tunes_of_the_base(mini_run):
+    out, _ = mini_run
+    base, _ = load_model(out / "base")
+    expert, _ = load_model(out / "experts" / "code")
+    delta = max((expert.state_dict()[k] - v).abs().max().item() for k, v in base.state_dict().items())
+    assert 0 < delta < 0.1  # a short, low-learning-rate fine-tune of the base, not a fresh model
+
+
+def test_rerun_reuses_saved_models_and_force_retrains(mini_run):
+    out, _ = mini_run
+    stamp = (out / "base" / "model.safetensors").stat().st_mtime_ns
+    report = run_bootstrap(mini_config(), out, console=Console(quiet=True))
+    assert (out / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "base" not in report["timings_s"]
+    report = run_bootstrap(mini_config(), out, force=True, console=Console(quiet=True))
+    assert (out / "base" / "model.safetensors").stat().st_mtime_ns != stamp
+    assert "base" in report["timings_s"]
+
+
+def test_a_changed_config_retrains(mini_run):
+    out, _ = mini_run
+    report = run_bootstrap(mini_config(seed=5), out, console=Console(quiet=True))
+    assert {"base", "expert:code", "multitask"} <= set(report["timings_s"])
+
+
+def test_same_seed_same_weights(tmp_path):
+    run_bootstrap(mini_config(), tmp_path / "again", console=Console(quiet=True))
+    run_bootstrap(mini_config(), tmp_path / "twice", console=Console(quiet=True))
+    a, _ = load_model(tmp_path / "again" / "experts" / "db")
+    b, _ = load_model(tmp_path / "twice" / "experts" / "db")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_foreign_output_directory_is_refused_and_untouched(tmp_path):
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(BootstrapError, match="not a bootstrap directory"):
+        run_bootstrap(mini_config(), tmp_path, console=Console(quiet=True))
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format_version": 99}'])
+def test_corrupt_or_foreign_report_is_refused_and_untouched(tmp_path, content):
+    (tmp_path / REPORT_FILE).write_text(content)
+    with pytest.raises(BootstrapError, match=REPORT_FILE):
+        run_bootstrap(mini_config(), tmp_path, console=Console(quiet=True))
+    assert (tmp_path / REPORT_FILE).read_text() == content
