@@ -1,9 +1,11 @@
 """``cycleqd-evolve bootstrap``: train the embedded default's base model, its experts and the multi-task baseline.
 
-Recipe (what makes the experts mergeable, see DEVELOPERS.md): the base learns every skill at difficulty levels
-1-2 only, so it is moderate everywhere; each expert is a short, low-learning-rate fine-tune of the base on every
-level of its own skill, with ``replay`` of the other skills' base data, so its task vector stays small and
-mostly touches its own skill. The multi-task baseline gets the experts' total compute on all skills' data.
+Recipe (what makes the experts mergeable): the base is trained briefly on every skill, so it is moderate
+everywhere; each expert is a short, lower-learning-rate fine-tune of the base on its own skill with ``replay`` of
+the other skills' data, so its task vector stays small and mostly touches its own skill. Experts trained on one
+skill alone, or on templates the base never saw, forget the rest and do not merge. The multi-task baseline gets
+the experts' total compute on all skills' data. ``merge_retention`` in the report measures mergeability: the
+share of each expert's gain over the base that the plain average of two experts keeps.
 
 The output directory holds one model directory per role plus ``bootstrap.json`` (config, accuracy matrix,
 timings). A model whose ``cycleqd.json`` records the same config is reused instead of retrained, so an
@@ -189,11 +191,29 @@ def run_bootstrap(
         "config_hash": chash,
         "models": {role: str(p.relative_to(out)) for role, p in dirs.items()},
         "accuracy": accuracy,
+        "merge_retention": merge_retention(accuracy, config.skills),
         "timings_s": timings,
     }
     _write_json_atomic(out / REPORT_FILE, report)
     console.print(render_matrix(accuracy, config.skills))
+    kept = ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["merge_retention"].items())
+    console.print(f"gain over the base kept by the average of two experts: {kept}")
+    console.print(f"models and bootstrap.json in {out}")
     return report
+
+
+def merge_retention(accuracy: dict[str, dict[str, float]], skills: list[str]) -> dict[str, float]:
+    """For each expert pair (a, b) and each of its skills s: how much of expert s's gain over the base on s the
+    plain average of a and b keeps (1 = all of it, 0 = none, negative = worse than the base)."""
+    base = accuracy["base"]
+    out = {}
+    for i, a in enumerate(skills):
+        for b in skills[i + 1 :]:
+            merged = accuracy[f"average({a}+{b})"]
+            for s in (a, b):
+                gain = accuracy[f"expert:{s}"][s] - base[s]
+                out[f"{s} in {a}+{b}"] = (merged[s] - base[s]) / gain if gain > 0 else 0.0
+    return out
 
 
 def accuracy_matrix(

@@ -63,8 +63,8 @@ class BootstrapConfig(BaseModel):
     vocab_size: int = Field(1024, ge=300, le=65536)
     arch: ArchSpec = Field(default_factory=ArchSpec)
     train_items_per_skill: int = Field(4000, ge=10)
-    base: PhaseConfig = Field(default_factory=lambda: PhaseConfig(steps=500, lr=3e-3, levels=[1, 2]))
-    expert: PhaseConfig = Field(default_factory=lambda: PhaseConfig(steps=300, lr=1e-3, levels=[1, 2, 3]))
+    base: PhaseConfig = Field(default_factory=lambda: PhaseConfig(steps=300, lr=3e-3, levels=[1, 2, 3]))
+    expert: PhaseConfig = Field(default_factory=lambda: PhaseConfig(steps=400, lr=1e-3, levels=[1, 2, 3]))
     replay: float = Field(0.2, ge=0, lt=1, description="share of an expert's batches drawn from the other skills")
     test_items: int = Field(200, ge=1, description="test items per skill for the accuracy matrix")
 

@@ -46,6 +46,12 @@ def test_layout_and_report(mini_run):
         assert set(row) == {"code", "os", "db", "mean"}
         assert all(0.0 <= v <= 1.0 for v in row.values())
         assert row["mean"] == pytest.approx((row["code"] + row["os"] + row["db"]) / 3)
+    retention = report["merge_retention"]
+    assert set(retention) == {"code in code+os", "os in code+os", "code in code+db", "db in code+db", "os in os+db", "db in os+db"}
+    acc = report["accuracy"]
+    gain = acc["expert:os"]["os"] - acc["base"]["os"]
+    if gain > 0:
+        assert retention["os in os+db"] == pytest.approx((acc["average(os+db)"]["os"] - acc["base"]["os"]) / gain)
     for rel in report["models"].values():
         model, tok = load_model(out / rel)
         assert model.config.num_hidden_layers == 2 and len(tok) == model.config.vocab_size
