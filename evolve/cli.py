@@ -42,6 +42,40 @@ def bootstrap(
         raise typer.Exit(2) from None
 
 
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="a model directory written by bootstrap (e.g. .cache/demo/models/base)")],
+    split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
+    limit: Annotated[int, typer.Option(min=1, help="items per skill")] = 200,
+    skill: Annotated[list[str] | None, typer.Option(help="skill to score (repeatable); default: all")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the item draw")] = 0,
+) -> None:
+    """Score one model directory on the skill world, one row per skill."""
+    from rich.table import Table
+
+    from evolve.engines.hf import TransformersEngine
+    from evolve.models.modeling import ModelError
+    from evolve.skills import SKILL_NAMES, SPLITS, UnknownSkillError, get_skill
+
+    try:
+        if split not in SPLITS:
+            raise typer.BadParameter(
+                f"unknown split {split!r}: expected one of {', '.join(SPLITS)}", param_hint="--split"
+            )
+        tasks = [get_skill(name) for name in (skill or SKILL_NAMES)]
+        engine = TransformersEngine.from_pretrained(model)
+    except (ModelError, UnknownSkillError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"{model} on {split} ({limit} items per skill)")
+    table.add_column("skill")
+    table.add_column("accuracy", justify="right")
+    for task in tasks:
+        result = task.evaluate(engine, split, limit, seed=seed)  # type: ignore[arg-type]
+        table.add_row(task.name, f"{100 * result.quality:.1f}")
+    console.print(table)
+
+
 def main() -> None:
     app()
 

@@ -47,7 +47,14 @@ def test_layout_and_report(mini_run):
         assert all(0.0 <= v <= 1.0 for v in row.values())
         assert row["mean"] == pytest.approx((row["code"] + row["os"] + row["db"]) / 3)
     retention = report["merge_retention"]
-    assert set(retention) == {"code in code+os", "os in code+os", "code in code+db", "db in code+db", "os in os+db", "db in os+db"}
+    assert set(retention) == {
+        "code in code+os",
+        "os in code+os",
+        "code in code+db",
+        "db in code+db",
+        "os in os+db",
+        "db in os+db",
+    }
     acc = report["accuracy"]
     gain = acc["expert:os"]["os"] - acc["base"]["os"]
     if gain > 0:
@@ -108,3 +115,14 @@ def test_corrupt_or_foreign_report_is_refused_and_untouched(tmp_path, content):
     with pytest.raises(BootstrapError, match=REPORT_FILE):
         run_bootstrap(mini_config(), tmp_path, console=Console(quiet=True))
     assert (tmp_path / REPORT_FILE).read_text() == content
+
+
+def test_a_corrupt_saved_model_is_reported_by_name(tmp_path):
+    from evolve.models.modeling import ModelError
+
+    run_bootstrap(mini_config(), tmp_path / "m", console=Console(quiet=True))
+    weights = tmp_path / "m" / "experts" / "os" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelError, match=r"experts/os/model\.safetensors"):
+        run_bootstrap(mini_config(), tmp_path / "m", console=Console(quiet=True))
+    assert (tmp_path / "m" / "bootstrap.json").is_file()  # the earlier report is kept

@@ -37,3 +37,29 @@ def test_foreign_out_dir_exits_2_and_is_untouched(tmp_path):
     out = cli("bootstrap", "--out", str(tmp_path))
     assert out.returncode == 2 and "not a bootstrap directory" in " ".join(out.stderr.split())
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_evaluate_missing_model_dir(tmp_path):
+    out = cli("evaluate", "--model", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "no such model directory" in " ".join(out.stderr.split())
+
+
+def test_evaluate_corrupt_model_names_the_file(tmp_path, tiny_model, tiny_tokenizer):
+    from evolve.models.modeling import save_model
+
+    save_model(tiny_model, tiny_tokenizer, tmp_path / "m", {"role": "base"})
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    out = cli("evaluate", "--model", str(tmp_path / "m"))
+    assert out.returncode == 2 and "model.safetensors" in out.stderr and "Traceback" not in out.stderr
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == b"garbage"  # reported, not replaced
+
+
+def test_evaluate_scores_a_model(tmp_path, tiny_model, tiny_tokenizer):
+    from evolve.models.modeling import save_model
+
+    save_model(tiny_model, tiny_tokenizer, tmp_path / "m", {"role": "base"})
+    out = cli("evaluate", "--model", str(tmp_path / "m"), "--limit", "5", "--skill", "db", "--skill", "os")
+    assert out.returncode == 0, out.stderr
+    assert "db" in out.stdout and "os" in out.stdout and "code" not in out.stdout.split("accuracy")[-1]
+    out = cli("evaluate", "--model", str(tmp_path / "m"), "--skill", "chess")
+    assert out.returncode == 2 and "unknown skill 'chess'" in out.stderr
