@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from evolve.atomic import write_json_atomic
 from evolve.config import BootstrapConfig
 from evolve.engines.hf import TransformersEngine
 from evolve.merge import average
@@ -194,7 +194,7 @@ def run_bootstrap(
         "merge_retention": merge_retention(accuracy, config.skills),
         "timings_s": timings,
     }
-    _write_json_atomic(out / REPORT_FILE, report)
+    write_json_atomic(out / REPORT_FILE, report)
     console.print(render_matrix(accuracy, config.skills))
     kept = ", ".join(f"{k} {100 * v:.0f}%" for k, v in report["merge_retention"].items())
     console.print(f"gain over the base kept by the average of two experts: {kept}")
@@ -265,10 +265,3 @@ def _ticker(progress: Progress, task: Any) -> Callable[[int, float], None]:
         progress.update(task, advance=1, loss=f"{loss:.3f}")
 
     return on_step
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-    os.replace(tmp, path)

@@ -76,6 +76,87 @@ def evaluate(
     console.print(table)
 
 
+@app.command()
+def run(
+    out: Annotated[Path, typer.Option(help="run directory to create (or to continue with --resume)")] = Path(
+        ".cache/demo/run"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file overriding the defaults (see evolve/run.py EvolveConfig)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out exactly where it stopped")] = False,
+) -> None:
+    """Run CycleQD: one archive per skill, cycling the quality skill, children made by merging and SVD
+    mutation of their parents' genomes. The run directory is saved atomically after every generation."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from evolve.config import ConfigError, load_yaml_model
+    from evolve.genome import BasisError
+    from evolve.models.modeling import ModelError
+    from evolve.run import Evolution, EvolveConfig, RunError, load_run_config
+
+    try:
+        if resume and config is None:
+            cfg = load_run_config(out)
+        else:
+            cfg = load_yaml_model(config, EvolveConfig) if config else EvolveConfig()
+        with console.status("setting up: SVD bases, scoring the experts"):
+            ev = Evolution(out, cfg, resume=resume)
+    except (ConfigError, RunError, ModelError, BasisError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+    def summary() -> str:
+        parts = []
+        for s, a in ev.state.archives.items():
+            st = a.stats
+            parts.append(f"{s}: {st.num_elites} elites, best {100 * (st.best or 0):.0f}")
+        return " | ".join(parts)
+
+    with Progress(
+        TextColumn("generation"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("quality [bold]{task.fields[quality]}[/bold]"),
+        TextColumn("{task.fields[archives]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(
+            "evolve",
+            total=cfg.generations,
+            completed=ev.state.generation,
+            quality=ev.quality_skill(ev.state.generation),
+            archives=summary(),
+        )
+
+        def on_generation(info: dict) -> None:
+            progress.update(task, advance=1, quality=ev.quality_skill(info["generation"] + 1), archives=summary())
+
+        ev.run(on_generation)
+    best = ev.best_mean_elite()
+    scores = ", ".join(f"{k} {100 * v:.1f}" for k, v in ev.state.elites[best]["validation"].items())
+    console.print(f"best elite by mean validation score: [bold]{best}[/bold] ({scores}); run directory: {out}")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="one or more run directories (e.g. one per seed)")],
+    out: Annotated[Path | None, typer.Option(help="also write OUT.json and OUT.md")] = None,
+) -> None:
+    """Print (and save) the results table on the test split: base, experts, multi-task, merges, CycleQD."""
+    from evolve.genome import BasisError
+    from evolve.models.modeling import ModelError
+    from evolve.report import report as make_report
+    from evolve.run import RunError
+
+    try:
+        make_report(runs, console, out)
+    except (RunError, ModelError, BasisError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 def main() -> None:
     app()
 

@@ -35,3 +35,41 @@ def task_arithmetic(base: StateDict, models: Sequence[StateDict], weights: Seque
 def average(base: StateDict, models: Sequence[StateDict]) -> dict[str, torch.Tensor]:
     """The plain average of ``models`` (task arithmetic with weights 1/n)."""
     return task_arithmetic(base, models, [1.0 / len(models)] * len(models))
+
+
+def ties(
+    base: StateDict, models: Sequence[StateDict], *, density: float = 0.2, scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """TIES-merging (Yadav et al., 2023): trim each task vector to its top ``density`` share by magnitude,
+    elect a sign per entry by the summed trimmed vectors, average only the entries that agree with it."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    out = {}
+    for name, b in base.items():
+        tvs = torch.stack([m[name].float() - b.float() for m in models])
+        flat = tvs.reshape(len(models), -1)
+        k = max(1, round(density * flat.shape[1]))
+        thresh = flat.abs().kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values
+        trimmed = torch.where(flat.abs() >= thresh, flat, torch.zeros_like(flat))
+        sign = torch.sign(trimmed.sum(0))
+        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+        merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+        out[name] = (b.float() + scale * merged.reshape(b.shape)).to(b.dtype)
+    return out
+
+
+def dare(base: StateDict, models: Sequence[StateDict], *, drop: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
+    """DARE (Yu et al., 2024): drop each task-vector entry with probability ``drop``, rescale the rest by
+    1 / (1 - drop), then take the plain average (task arithmetic with weights 1/n). Seeded, so reproducible."""
+    if not 0 <= drop < 1:
+        raise ValueError(f"drop must be in [0, 1), got {drop}")
+    gen = torch.Generator().manual_seed(seed)
+    sparse = []
+    for m in models:
+        sd = {}
+        for name, b in base.items():
+            tv = m[name].float() - b.float()
+            keep = torch.rand(tv.shape, generator=gen) >= drop
+            sd[name] = b.float() + tv * keep / (1 - drop)
+        sparse.append(sd)
+    return average(base, sparse)

@@ -32,3 +32,16 @@ def tiny_model(tiny_tokenizer, tiny_arch):
     from evolve.models.modeling import new_model
 
     return new_model(tiny_arch, tiny_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def mini_models(tmp_path_factory):
+    """A miniature bootstrap output (base, experts, multitask), trained once per session."""
+    from rich.console import Console
+
+    from evolve.bootstrap import run_bootstrap
+    from tests.evolve.minis import mini_bootstrap_config
+
+    out = tmp_path_factory.mktemp("mini") / "models"
+    run_bootstrap(mini_bootstrap_config(), out, console=Console(quiet=True))
+    return out

@@ -9,25 +9,13 @@ import torch
 from rich.console import Console
 
 from evolve.bootstrap import REPORT_FILE, BootstrapError, run_bootstrap
-from evolve.config import BootstrapConfig, PhaseConfig
-from evolve.models.modeling import ArchSpec, load_model
+from evolve.models.modeling import load_model
+from tests.evolve.minis import mini_bootstrap_config as mini_config
 
 ROWS = [
     "base", "expert:code", "expert:os", "expert:db", "multitask",
     "average(all experts)", "average(code+os)", "average(code+db)", "average(os+db)",
 ]  # fmt: skip
-
-
-def mini_config(**kw) -> BootstrapConfig:
-    return BootstrapConfig(
-        vocab_size=300,
-        arch=ArchSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=128),
-        train_items_per_skill=60,
-        base=PhaseConfig(steps=6, lr=3e-3, batch_size=8, levels=[1, 2]),
-        expert=PhaseConfig(steps=3, lr=1e-3, batch_size=8, levels=[1, 2, 3]),
-        test_items=6,
-        **kw,
-    )
 
 
 @pytest.fixture(scope="module")

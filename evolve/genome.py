@@ -1,0 +1,226 @@
+"""Genomes over the experts' SVD bases: how every model CycleQD creates is represented and materialised.
+
+Per weight matrix W (see ARCHITECTURE.md, "Genomes"):
+
+    W = W_base + sum over experts q of  U_q diag(g_q * S_q) V_q^T
+
+where U_q S_q V_q^T is the SVD of expert q's task vector for W. Tensors without an SVD (norm weights, biases)
+carry one coefficient per expert: W = W_base + sum_q g_q * (W_q - W_base). A genome is the flat vector of all
+coefficients, laid out by :class:`Layout`; expert q is the genome with 1 on q's entries and 0 elsewhere, the
+base model is all zeros. Crossover and mutation are arithmetic on these vectors.
+
+Bases are computed once, stored as safetensors (never pickle) with a JSON manifest that records the rank cap
+and the reconstruction error it causes per expert.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BasisError(Exception):
+    """SVD bases that are missing, corrupt or do not match the model; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where one (tensor, expert) pair's coefficients live in the flat genome."""
+
+    name: str
+    expert: int
+    start: int
+    length: int  # the rank for a matrix, 1 for a vector
+
+
+class Layout:
+    """The flat genome's layout: for each tensor (sorted by name), for each expert, its coefficients."""
+
+    def __init__(self, ranks: Mapping[str, Sequence[int | None]]) -> None:
+        """``ranks[name][q]`` is expert q's rank for matrix ``name``, or None for a vector tensor."""
+        self.segments: list[Segment] = []
+        self.by_name: dict[str, list[Segment]] = {}
+        self._vector = {name: all(r is None for r in rs) for name, rs in ranks.items()}
+        pos = 0
+        for name in sorted(ranks):
+            for q, r in enumerate(ranks[name]):
+                seg = Segment(name, q, pos, 1 if r is None else r)
+                self.segments.append(seg)
+                self.by_name.setdefault(name, []).append(seg)
+                pos += seg.length
+        self.size = pos
+        self.n_experts = len(next(iter(ranks.values()))) if ranks else 0
+
+    def expert(self, q: int) -> torch.Tensor:
+        """The genome that materialises expert ``q`` (1 on its entries, 0 elsewhere)."""
+        g = torch.zeros(self.size)
+        for seg in self.segments:
+            if seg.expert == q:
+                g[seg.start : seg.start + seg.length] = 1.0
+        return g
+
+    def base(self) -> torch.Tensor:
+        return torch.zeros(self.size)
+
+    def mask(self, q: int, *, matrices_only: bool = False) -> torch.Tensor:
+        """Boolean mask of expert ``q``'s entries (optionally only those of matrices, as SVD mutation uses)."""
+        m = torch.zeros(self.size, dtype=torch.bool)
+        for seg in self.segments:
+            if seg.expert == q and not (matrices_only and self.is_vector(seg.name)):
+                m[seg.start : seg.start + seg.length] = True
+        return m
+
+    def is_vector(self, name: str) -> bool:
+        return self._vector[name]
+
+
+class Bases:
+    """SVD factors of every expert's task vector, plus the base weights they are relative to."""
+
+    def __init__(
+        self,
+        experts: Sequence[str],
+        base: Mapping[str, torch.Tensor],
+        factors: Sequence[Mapping[str, torch.Tensor]],
+        errors: Sequence[float],
+        rank_cap: int | None,
+    ) -> None:
+        self.experts = list(experts)
+        self.base = dict(base)
+        self.factors = [dict(f) for f in factors]  # per expert: "{name}.U/.S/.V" or "{name}.delta"
+        self.errors = list(errors)
+        self.rank_cap = rank_cap
+        self.layout = Layout(
+            {
+                name: [None if f"{name}.delta" in f else int(f[f"{name}.S"].numel()) for f in self.factors]
+                for name in self.base
+            }
+        )
+
+    # -- building --------------------------------------------------------------------------------------------
+    @classmethod
+    def compute(
+        cls,
+        base: Mapping[str, torch.Tensor],
+        experts: Mapping[str, Mapping[str, torch.Tensor]],
+        *,
+        rank_cap: int | None = None,
+    ) -> Bases:
+        """SVD of each expert's task vector per matrix (float32; on the tensors' device).
+
+        ``errors[q]`` is the relative Frobenius error of expert q's task vector rebuilt from the (possibly
+        rank-capped) factors: 0 up to float error without a cap.
+        """
+        factors, errors = [], []
+        for expert_sd in experts.values():
+            f: dict[str, torch.Tensor] = {}
+            err_num = err_den = 0.0
+            for name, b in base.items():
+                tv = expert_sd[name].float() - b.float()
+                if tv.ndim == 2:
+                    u, s, vh = torch.linalg.svd(tv, full_matrices=False)
+                    r = s.numel() if rank_cap is None else min(rank_cap, s.numel())
+                    f[f"{name}.U"] = u[:, :r].contiguous()
+                    f[f"{name}.S"] = s[:r].contiguous()
+                    f[f"{name}.V"] = vh[:r].T.contiguous()
+                    approx = (u[:, :r] * s[:r]) @ vh[:r]
+                    err_num += float((tv - approx).pow(2).sum())
+                else:
+                    f[f"{name}.delta"] = tv.contiguous()
+                err_den += float(tv.pow(2).sum())
+            factors.append(f)
+            errors.append((err_num / err_den) ** 0.5 if err_den > 0 else 0.0)
+        return cls(list(experts), {k: v.float() for k, v in base.items()}, factors, errors, rank_cap)
+
+    # -- storage ---------------------------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """``base.safetensors``, one ``{expert}.safetensors`` per expert and ``manifest.json``, written to a
+        temporary directory and renamed into place."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        save_file({k: v.contiguous() for k, v in self.base.items()}, tmp / "base.safetensors")
+        for name, f in zip(self.experts, self.factors, strict=True):
+            save_file(f, tmp / f"{name}.safetensors")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "experts": self.experts,
+            "rank_cap": self.rank_cap,
+            "reconstruction_error": dict(zip(self.experts, self.errors, strict=True)),
+            "genome_size": self.layout.size,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            for p in old.iterdir():
+                p.unlink()
+            old.rmdir()
+        else:
+            os.replace(tmp, directory)
+
+    @classmethod
+    def load(cls, directory: Path) -> Bases:
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise BasisError(f"{path}: missing; {directory} holds no SVD bases")
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BasisError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            raise BasisError(f"{path}: field 'format_version' must be {FORMAT_VERSION}")
+        tensors = {}
+        for name in ["base", *manifest["experts"]]:
+            file = directory / f"{name}.safetensors"
+            try:
+                tensors[name] = load_file(file)
+            except (OSError, SafetensorError) as exc:
+                raise BasisError(f"{file}: missing or corrupt ({exc})") from exc
+        return cls(
+            manifest["experts"],
+            tensors["base"],
+            [tensors[e] for e in manifest["experts"]],
+            [manifest["reconstruction_error"][e] for e in manifest["experts"]],
+            manifest["rank_cap"],
+        )
+
+    # -- materialisation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def materialise_into(self, genome: torch.Tensor, params: Mapping[str, torch.Tensor]) -> None:
+        """Write the genome's full weights into existing tensors ``params`` in place (no reallocation)."""
+        if genome.shape != (self.layout.size,):
+            raise ValueError(f"genome has shape {tuple(genome.shape)}, the bases expect ({self.layout.size},)")
+        missing = self.base.keys() - params.keys()
+        if missing:
+            raise KeyError(f"the model lacks {len(missing)} tensors of the bases, e.g. {sorted(missing)[0]!r}")
+        for name, segs in self.layout.by_name.items():
+            acc = params[name]
+            acc.copy_(self.base[name])
+            for seg in segs:
+                g = genome[seg.start : seg.start + seg.length]
+                f = self.factors[seg.expert]
+                if seg.length == 1 and f"{name}.delta" in f:
+                    if g.item() != 0.0:
+                        acc.add_(f[f"{name}.delta"], alpha=float(g.item()))
+                elif bool(g.any()):
+                    acc.addmm_(f[f"{name}.U"] * (g * f[f"{name}.S"]), f[f"{name}.V"].T)
+
+    def materialise(self, genome: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The genome's full weights as a new state dict."""
+        out = {k: torch.empty_like(v) for k, v in self.base.items()}
+        self.materialise_into(genome, out)
+        return out

@@ -1,0 +1,117 @@
+"""``cycleqd-evolve report``: the paper's results table, on the **test** split, over one or more runs.
+
+Rows: base, each expert, the multi-task baseline, the plain task-arithmetic average of the experts, TIES and
+DARE merges, CycleQD's best elite by mean validation score and CycleQD's aggregate (softmax-weighted merge of
+each archive's best). With several runs (seeds), each cell is the mean and the spread (standard deviation).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from evolve.atomic import write_json_atomic
+from evolve.merge import dare, ties
+from evolve.models.modeling import load_model
+from evolve.run import Evolution, load_run_config
+
+REPORT_FILE = "report.json"
+
+
+def score_run(run_dir: Path, console: Console) -> dict[str, dict[str, float]]:
+    """Test scores of every row for one run directory; also written to ``<run>/report.json``."""
+    ev = Evolution(run_dir, load_run_config(run_dir), resume=True)
+    cfg, layout = ev.config, ev.bases.layout
+    rows: dict[str, dict[str, float]] = {}
+
+    def weights(sd: dict[str, torch.Tensor]) -> dict[str, float]:
+        ev.engine.load_state_dict(sd)
+        n = cfg.test_items
+        return {s: t.evaluate(ev.engine, "test", n, seed=cfg.seed).quality for s, t in ev.skills.items()}
+
+    with console.status(f"scoring {run_dir} on the test split") as status:
+        status.update("base")
+        rows["base"] = ev.score(layout.base(), "test")
+        for q, s in enumerate(cfg.skills):
+            status.update(f"expert:{s}")
+            rows[f"expert:{s}"] = ev.score(layout.expert(q), "test")
+        status.update("multitask")
+        mt, _ = load_model(cfg.models / "multitask")
+        rows["multitask"] = weights(dict(mt.named_parameters()))
+        status.update("merges")
+        k = len(cfg.skills)
+        rows["task arithmetic (average)"] = ev.score(sum(layout.expert(q) for q in range(k)) / k, "test")
+        base = ev.bases.materialise(layout.base())
+        experts = [ev.bases.materialise(layout.expert(q)) for q in range(k)]
+        rows["TIES"] = weights(ties(base, experts))
+        rows["DARE"] = weights(dare(base, experts, seed=cfg.seed))
+        status.update("CycleQD")
+        best = ev.best_mean_elite()
+        rows["CycleQD best elite"] = ev.score(ev.state.genomes[best], "test")
+        genome, _ = ev.aggregate_genome()
+        rows["CycleQD aggregate"] = ev.score(genome, "test")
+    for r in rows.values():
+        r["mean"] = sum(r[s] for s in cfg.skills) / len(cfg.skills)
+    report = {
+        "split": "test",
+        "test_items": cfg.test_items,
+        "generations": ev.state.generation,
+        "best_elite": best,
+        "rows": rows,
+    }
+    write_json_atomic(Path(run_dir) / REPORT_FILE, report)
+    return rows
+
+
+def combine(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Mean and standard deviation (0 for one run) per row and column."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for row in runs[0]:
+        out[row] = {}
+        for col in runs[0][row]:
+            values = [r[row][col] for r in runs]
+            out[row][col] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return out
+
+
+def render(table_data: dict[str, dict[str, tuple[float, float]]], n_runs: int) -> Table:
+    cols = list(next(iter(table_data.values())))
+    table = Table(title=f"Test accuracy (%), mean ± std over {n_runs} run(s)")
+    table.add_column("model")
+    for c in cols:
+        table.add_column(c, justify="right")
+    best_mean = max(v["mean"][0] for v in table_data.values())
+    for row, cells in table_data.items():
+        texts = [f"{100 * m:.1f} ± {100 * s:.1f}" if n_runs > 1 else f"{100 * m:.1f}" for m, s in cells.values()]
+        if cells["mean"][0] == best_mean:
+            texts[-1] = f"[bold]{texts[-1]}[/bold]"
+        table.add_row(row, *texts)
+    return table
+
+
+def to_markdown(table_data: dict[str, dict[str, tuple[float, float]]], n_runs: int) -> str:
+    cols = list(next(iter(table_data.values())))
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for row, cells in table_data.items():
+        fmt = [f"{100 * m:.1f} ± {100 * s:.1f}" if n_runs > 1 else f"{100 * m:.1f}" for m, s in cells.values()]
+        lines.append(f"| {row} | " + " | ".join(fmt) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(run_dirs: Sequence[Path], console: Console, out: Path | None = None) -> dict[str, Any]:
+    runs = [score_run(Path(d), console) for d in run_dirs]
+    combined = combine(runs)
+    console.print(render(combined, len(runs)))
+    result = {"runs": [str(d) for d in run_dirs], "rows": combined}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out.with_suffix(".json"), result)
+        out.with_suffix(".md").write_text(to_markdown(combined, len(runs)))
+        console.print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return result

@@ -1,0 +1,298 @@
+"""``cycleqd-evolve run``: CycleQD over genomes, writing the run directory (contract #1, see ARCHITECTURE.md).
+
+Run directory (``format_version`` 1)::
+
+    run.json             the config of the run and the format version; written once, checked on resume
+    svd/                 the experts' SVD bases (safetensors + manifest.json), see evolve.genome
+    state.safetensors    every kept genome as a tensor, keyed by elite id; its metadata "state" is JSON:
+                         generation, archives (cells, qualities, scores), elites (validation and, after
+                         ``report``, test scores; lineage: parents, crossover weights, mutation, generation),
+                         and the RNG states; replaced atomically (write new, then rename) every generation
+
+Generation t takes skill t mod K as quality (``cycle: false`` fixes one skill), draws parents from that
+archive, crosses and mutates their genomes, scores each child on every skill's validation split and offers it
+to every archive. All children of a generation are made before any is scored, so the order of evaluation
+cannot change the result, and a run resumed after a kill continues exactly where the last saved generation
+ended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from evolve.archive import SkillArchive, default_ranges
+from evolve.engines.hf import TransformersEngine
+from evolve.genome import Bases
+from evolve.models.modeling import load_model
+from evolve.operators import CrossoverConfig, MutationConfig, SamplingConfig, crossover, mutate, sample_parents
+from evolve.skills import get_skill
+
+FORMAT_VERSION = 1
+RUN_FILE = "run.json"
+STATE_FILE = "state.safetensors"
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used; it is never overwritten. The message names the file and field."""
+
+
+class EvolveConfig(BaseModel):
+    """Settings of one CycleQD run; defaults follow the official code unless the docs say why not."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: Path = Field(Path(".cache/demo/models"), description="bootstrap output: base/ and experts/<skill>/")
+    skills: list[str] = Field(default_factory=lambda: ["code", "os", "db"], min_length=2)
+    seed: int = 0
+    generations: int = Field(30, ge=0)
+    children_per_generation: int = Field(4, ge=1)
+    validation_items: int = Field(100, ge=1)
+    test_items: int = Field(200, ge=1)
+    bins: int = Field(15, ge=1)
+    ranges: dict[str, tuple[float, float]] | None = Field(
+        None, description="fixed score range per skill; default: 85% of the weakest to 115% of the strongest expert"
+    )
+    cycle: bool = Field(True, description="False: the quality skill stays fixed_quality (ablation)")
+    fixed_quality: str | None = None
+    rank_cap: int | None = Field(None, ge=1)
+    crossover: CrossoverConfig = Field(default_factory=CrossoverConfig)
+    mutation: MutationConfig = Field(default_factory=MutationConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvolveConfig:
+        for s in self.skills:
+            get_skill(s)
+        if self.fixed_quality is not None and self.fixed_quality not in self.skills:
+            raise ValueError(f"fixed_quality {self.fixed_quality!r} is not one of skills {self.skills}")
+        return self
+
+
+class RunState:
+    """Everything that changes during a run; (de)serialised as one safetensors file."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.genomes: dict[str, torch.Tensor] = {}
+        self.elites: dict[str, dict[str, Any]] = {}  # id -> {"validation": {...}, "test": {...}, "lineage": {...}}
+        self.archives: dict[str, SkillArchive] = {}
+        self.torch_gen = torch.Generator()
+        self.np_rng = np.random.default_rng()
+
+    def save(self, path: Path) -> None:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "generation": self.generation,
+            "elites": self.elites,
+            "archives": {k: a.to_dict() for k, a in self.archives.items()},
+            "np_rng": self.np_rng.bit_generator.state,
+        }
+        tensors = {f"genome/{k}": v.contiguous() for k, v in self.genomes.items()}
+        tensors["rng/torch"] = self.torch_gen.get_state()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"state": json.dumps(meta, default=_json_default)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> RunState:
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["state"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as exc:
+            raise RunError(f"{path}: corrupt or not a CycleQD state file ({exc}); the run cannot resume") from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise RunError(
+                f"{path}: field 'format_version' is {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+            )
+        st = cls()
+        st.generation = meta["generation"]
+        st.elites = meta["elites"]
+        st.archives = {k: SkillArchive.from_dict(a) for k, a in meta["archives"].items()}
+        st.genomes = {k.removeprefix("genome/"): v for k, v in tensors.items() if k.startswith("genome/")}
+        st.torch_gen.set_state(tensors["rng/torch"])
+        st.np_rng.bit_generator.state = meta["np_rng"]
+        return st
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+class Evolution:
+    """One run directory: set-up, generations, saving. Keyword-only, one engine, in-process evaluation."""
+
+    def __init__(self, run_dir: Path, config: EvolveConfig, *, resume: bool = False) -> None:
+        self.dir = Path(run_dir)
+        self.config = config
+        self.skills = {name: get_skill(name) for name in config.skills}
+        run_file = self.dir / RUN_FILE
+        if resume:
+            if not run_file.is_file():
+                raise RunError(f"{run_file}: missing; there is no run to resume in {self.dir}")
+            saved = _read_run_file(run_file)
+            if saved != json.loads(config.model_dump_json()):
+                raise RunError(f"{run_file}: the saved config differs from the one given; resume without --config")
+        elif self.dir.exists() and any(self.dir.iterdir()):
+            raise RunError(f"{self.dir}: not empty; pass --resume to continue the run there, or choose another --out")
+        base_model, self.tokenizer = load_model(config.models / "base")
+        self.engine = TransformersEngine(base_model, self.tokenizer)
+        if resume and (self.dir / STATE_FILE).exists():
+            self.bases = Bases.load(self.dir / "svd")
+            self.state = RunState.load(self.dir / STATE_FILE)
+        else:
+            self._start()
+
+    # -- set-up ----------------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        cfg = self.config
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / RUN_FILE).write_text(
+            json.dumps({"format_version": FORMAT_VERSION, "config": json.loads(cfg.model_dump_json())}, indent=2)
+        )
+        base = {k: v.detach().clone() for k, v in self.engine.state_dict().items()}
+        experts = {}
+        for s in cfg.skills:
+            model, _ = load_model(cfg.models / "experts" / s)
+            params = dict(model.named_parameters())
+            experts[s] = {k: params[k].detach() for k in base}
+        self.bases = Bases.compute(base, experts, rank_cap=cfg.rank_cap)
+        self.bases.save(self.dir / "svd")
+        st = RunState()
+        st.torch_gen.manual_seed(cfg.seed)
+        st.np_rng = np.random.default_rng(cfg.seed)
+        scores = {}
+        for q, s in enumerate(cfg.skills):
+            eid = f"expert:{s}"
+            st.genomes[eid] = self.bases.layout.expert(q)
+            scores[eid] = self.score(st.genomes[eid])
+            st.elites[eid] = {"validation": scores[eid], "lineage": {"generation": -1, "expert": s}}
+        expert_scores = {s: scores[f"expert:{s}"] for s in cfg.skills}
+        for s in cfg.skills:
+            measures = [m for m in cfg.skills if m != s]
+            ranges = [cfg.ranges[m] for m in measures] if cfg.ranges else default_ranges(expert_scores, measures)
+            st.archives[s] = SkillArchive(quality=s, measures=measures, ranges=ranges, bins=cfg.bins)
+            ids = list(scores)
+            st.archives[s].add(ids, [scores[i] for i in ids])
+        self.state = st
+        st.save(self.dir / STATE_FILE)
+
+    # -- the cycle -------------------------------------------------------------------------------------------
+    def score(self, genome: torch.Tensor, split: str = "validation") -> dict[str, float]:
+        self.bases.materialise_into(genome, self.engine.state_dict())
+        n = self.config.validation_items if split == "validation" else self.config.test_items
+        return {s: t.evaluate(self.engine, split, n, seed=self.config.seed).quality for s, t in self.skills.items()}  # type: ignore[arg-type]
+
+    def quality_skill(self, generation: int) -> str:
+        cfg = self.config
+        if not cfg.cycle:
+            return cfg.fixed_quality or cfg.skills[0]
+        return cfg.skills[generation % len(cfg.skills)]
+
+    def step(self) -> dict[str, Any]:
+        """Run one generation and save; returns a summary for progress display."""
+        cfg, st = self.config, self.state
+        t = st.generation
+        q = self.quality_skill(t)
+        q_index = cfg.skills.index(q)
+        children = []
+        for c in range(cfg.children_per_generation):
+            p1, p2 = sample_parents(st.archives[q].elites(), cfg.sampling, st.np_rng)
+            genome, weights = crossover([st.genomes[p1.id], st.genomes[p2.id]], cfg.crossover, st.torch_gen)
+            genome = mutate(genome, self.bases.layout, q_index, cfg.mutation, st.torch_gen)
+            lineage = {
+                "generation": t,
+                "quality": q,
+                "parents": [p1.id, p2.id],
+                "crossover_weights": weights,
+                "mutation": cfg.mutation.kind,
+            }
+            children.append((f"g{t:05d}c{c:02d}", genome, lineage))
+        scored = [(cid, genome, lineage, self.score(genome)) for cid, genome, lineage in children]
+        added = 0
+        for cid, genome, lineage, scores in scored:
+            entered = [s for s, a in st.archives.items() if a.add([cid], [scores])[0]]
+            if entered:
+                added += 1
+                st.genomes[cid] = genome
+                st.elites[cid] = {"validation": scores, "lineage": lineage}
+        live = {e.id for a in st.archives.values() for e in a.elites()}
+        for eid in list(st.genomes):
+            if eid not in live and not eid.startswith("expert:"):
+                del st.genomes[eid]
+                del st.elites[eid]
+        st.generation = t + 1
+        st.save(self.dir / STATE_FILE)
+        return {"generation": t, "quality": q, "added": added}
+
+    def run(self, on_generation: Callable[[dict[str, Any]], None] | None = None) -> None:
+        while self.state.generation < self.config.generations:
+            summary = self.step()
+            if on_generation:
+                on_generation(summary)
+
+    # -- final models ----------------------------------------------------------------------------------------
+    def best_mean_elite(self) -> str:
+        """The elite with the highest mean validation score (ties: the smaller id)."""
+        return max(sorted(self.state.elites), key=lambda e: _mean(self.state.elites[e]["validation"]))
+
+    def aggregate_genome(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """The paper's final model: each archive's best elite, merged with softmax(best quality) weights."""
+        best = {s: a.stats.best_id for s, a in self.state.archives.items()}
+        q = torch.tensor([self.state.archives[s].stats.best for s in best])
+        w = torch.softmax(q, dim=0).tolist()
+        genome = torch.zeros(self.bases.layout.size)
+        for wi, s in zip(w, best, strict=True):
+            genome.add_(self.state.genomes[best[s]], alpha=wi)
+        return genome, {best[s]: wi for wi, s in zip(w, best, strict=True)}
+
+
+def _mean(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / len(scores)
+
+
+def _read_run_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: corrupt ({exc}); this run directory cannot be resumed") from exc
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise RunError(f"{path}: field 'format_version' is {version!r}, expected {FORMAT_VERSION}; not a CycleQD run")
+    return data["config"]
+
+
+def load_run_config(run_dir: Path) -> EvolveConfig:
+    return EvolveConfig.model_validate(_read_run_file(Path(run_dir) / RUN_FILE))
+
+
+def archive_ids(state: RunState) -> dict[str, list[tuple[tuple[int, ...], str, float]]]:
+    """A comparable summary of the archives (cell, elite id, quality), for determinism checks."""
+    return {s: [(e.cell, e.id, e.quality) for e in a.elites()] for s, a in state.archives.items()}
+
+
+def genomes_equal(a: RunState, b: RunState, ids: Sequence[str] | None = None) -> bool:
+    keys = ids if ids is not None else sorted(set(a.genomes) | set(b.genomes))
+    return all(k in a.genomes and k in b.genomes and torch.equal(a.genomes[k], b.genomes[k]) for k in keys)

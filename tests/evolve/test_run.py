@@ -1,0 +1,133 @@
+"""CycleQD runs: determinism, exact resume after SIGKILL, a results table, and refusal of bad run dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from rich.console import Console
+from safetensors import safe_open
+
+from evolve.report import report
+from evolve.run import STATE_FILE, Evolution, RunError, RunState, archive_ids, genomes_equal
+from tests.evolve.minis import mini_evolve_config
+
+
+def test_a_run_fills_archives_with_lineage(tmp_path, mini_models):
+    ev = Evolution(tmp_path / "run", mini_evolve_config(mini_models))
+    ev.run()
+    st = RunState.load(tmp_path / "run" / STATE_FILE)
+    assert st.generation == 6
+    assert set(st.archives) == {"code", "os", "db"}
+    assert all(len(a) >= 1 for a in st.archives.values())
+    for eid in {e.id for a in st.archives.values() for e in a.elites()}:
+        assert eid in st.genomes and eid in st.elites
+        lineage = st.elites[eid]["lineage"]
+        if not eid.startswith("expert:"):
+            assert lineage["quality"] == ["code", "os", "db"][lineage["generation"] % 3]
+            assert all(p in st.elites or p.startswith("g") for p in lineage["parents"])
+    assert [ev.quality_skill(t) for t in range(4)] == ["code", "os", "db", "code"]
+
+
+def test_same_seed_same_archive(tmp_path, mini_models):
+    a = Evolution(tmp_path / "a", mini_evolve_config(mini_models))
+    a.run()
+    b = Evolution(tmp_path / "b", mini_evolve_config(mini_models))
+    b.run()
+    assert archive_ids(a.state) == archive_ids(b.state)
+    assert genomes_equal(a.state, b.state)
+
+
+def test_no_cycle_keeps_one_quality_skill(tmp_path, mini_models):
+    ev = Evolution(tmp_path / "r", mini_evolve_config(mini_models, cycle=False, fixed_quality="db", generations=3))
+    ev.run()
+    assert {e["lineage"]["quality"] for e in ev.state.elites.values() if "quality" in e["lineage"]} <= {"db"}
+
+
+def _generation(path) -> int:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return json.loads(f.metadata()["state"])["generation"]
+    except Exception:
+        return -1
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_point_then_resume_gives_the_uninterrupted_archive(tmp_path, mini_models):
+    cfg = mini_evolve_config(mini_models, generations=10)
+    reference = Evolution(tmp_path / "ref", cfg)
+    reference.run()
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "evolve", "run", "--out", str(run_dir), "--config", str(tmp_path / "cfg.yaml")]
+    rng = random.Random(os.getpid())
+    target = rng.randint(1, 8)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _generation(run_dir / STATE_FILE) < target and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(rng.random() * 0.5)  # somewhere inside the next generation (or its save)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = _generation(run_dir / STATE_FILE)
+    assert 1 <= stopped_at <= 10
+    out = subprocess.run([*cmd[:-2], "--resume"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    resumed = RunState.load(run_dir / STATE_FILE)
+    assert resumed.generation == 10
+    assert archive_ids(resumed) == archive_ids(reference.state)
+    assert genomes_equal(resumed, reference.state)
+
+
+def test_report_table_on_test(tmp_path, mini_models):
+    ev = Evolution(tmp_path / "r", mini_evolve_config(mini_models, generations=3))
+    ev.run()
+    result = report([tmp_path / "r", tmp_path / "r"], Console(quiet=True), out=tmp_path / "table")
+    rows = result["rows"]
+    assert list(rows) == [
+        "base", "expert:code", "expert:os", "expert:db", "multitask", "task arithmetic (average)",
+        "TIES", "DARE", "CycleQD best elite", "CycleQD aggregate",
+    ]  # fmt: skip
+    for cells in rows.values():
+        assert set(cells) == {"code", "os", "db", "mean"}
+        assert all(0 <= m <= 1 and s == 0 for m, s in cells.values())  # the same run twice: no spread
+    assert (tmp_path / "table.md").read_text().startswith("| model |")
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert saved["split"] == "test" and saved["generations"] == 3
+
+
+def test_existing_directory_needs_resume(tmp_path, mini_models):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "keep.txt").write_text("x")
+    with pytest.raises(RunError, match="not empty"):
+        Evolution(tmp_path / "r", mini_evolve_config(mini_models))
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["keep.txt"]
+    with pytest.raises(RunError, match="no run to resume"):
+        Evolution(tmp_path / "r", mini_evolve_config(mini_models), resume=True)
+
+
+def test_corrupt_state_is_reported_and_kept(tmp_path, mini_models):
+    cfg = mini_evolve_config(mini_models, generations=1)
+    Evolution(tmp_path / "r", cfg).run()
+    state = tmp_path / "r" / STATE_FILE
+    state.write_bytes(b"junk")
+    with pytest.raises(RunError, match=r"state\.safetensors"):
+        Evolution(tmp_path / "r", cfg, resume=True)
+    assert state.read_bytes() == b"junk"
+
+
+def test_foreign_or_changed_run_config_is_refused(tmp_path, mini_models):
+    cfg = mini_evolve_config(mini_models, generations=1)
+    Evolution(tmp_path / "r", cfg).run()
+    with pytest.raises(RunError, match="saved config differs"):
+        Evolution(tmp_path / "r", mini_evolve_config(mini_models, generations=2, seed=3), resume=True)
+    (tmp_path / "r" / "run.json").write_text('{"format_version": 7}')
+    with pytest.raises(RunError, match="format_version"):
+        Evolution(tmp_path / "r", cfg, resume=True)
