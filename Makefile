@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo results test lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,24 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The demo's run directory is its own scratch space: each `make demo` evolves afresh (the bootstrap models are
+# reused when their config is unchanged).
 demo: $(STAMP)
 	$(VENV)/bin/cycleqd-evolve bootstrap --out $(DEMO_DIR)/models
+	rm -rf $(DEMO_DIR)/run
+	$(VENV)/bin/cycleqd-evolve run --out $(DEMO_DIR)/run
+	$(VENV)/bin/cycleqd-evolve report $(DEMO_DIR)/run --out $(DEMO_DIR)/results
+
+# The results table over three seeds of evolution (same bootstrap models), as quoted in the README.
+SEEDS ?= 0 1 2
+results: $(STAMP)
+	$(VENV)/bin/cycleqd-evolve bootstrap --out $(DEMO_DIR)/models
+	for s in $(SEEDS); do \
+	  printf 'seed: %s\n' $$s > $(DEMO_DIR)/seed-$$s.yaml; \
+	  rm -rf $(DEMO_DIR)/seeds/run-$$s; \
+	  $(VENV)/bin/cycleqd-evolve run --out $(DEMO_DIR)/seeds/run-$$s --config $(DEMO_DIR)/seed-$$s.yaml || exit 1; \
+	done
+	$(VENV)/bin/cycleqd-evolve report $(foreach s,$(SEEDS),$(DEMO_DIR)/seeds/run-$(s)) --out benchmarks/results/results_table
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -141,7 +141,8 @@ class Bases:
                 err_den += float(tv.pow(2).sum())
             factors.append(f)
             errors.append((err_num / err_den) ** 0.5 if err_den > 0 else 0.0)
-        return cls(list(experts), {k: v.float() for k, v in base.items()}, factors, errors, rank_cap)
+        # A copy, never a view: materialising into the very model the base came from must not alter the base.
+        return cls(list(experts), {k: v.detach().float().clone() for k, v in base.items()}, factors, errors, rank_cap)
 
     # -- storage ---------------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:

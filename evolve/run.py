@@ -23,7 +23,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -55,9 +55,9 @@ class EvolveConfig(BaseModel):
     models: Path = Field(Path(".cache/demo/models"), description="bootstrap output: base/ and experts/<skill>/")
     skills: list[str] = Field(default_factory=lambda: ["code", "os", "db"], min_length=2)
     seed: int = 0
-    generations: int = Field(30, ge=0)
+    generations: int = Field(45, ge=0)
     children_per_generation: int = Field(4, ge=1)
-    validation_items: int = Field(100, ge=1)
+    validation_items: int = Field(80, ge=1)
     test_items: int = Field(200, ge=1)
     bins: int = Field(15, ge=1)
     ranges: dict[str, tuple[float, float]] | None = Field(
@@ -66,6 +66,9 @@ class EvolveConfig(BaseModel):
     cycle: bool = Field(True, description="False: the quality skill stays fixed_quality (ablation)")
     fixed_quality: str | None = None
     rank_cap: int | None = Field(None, ge=1)
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="vllm: one in-process vLLM engine, weights updated in place per child"
+    )
     crossover: CrossoverConfig = Field(default_factory=CrossoverConfig)
     mutation: MutationConfig = Field(default_factory=MutationConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -152,13 +155,20 @@ class Evolution:
         if resume:
             if not run_file.is_file():
                 raise RunError(f"{run_file}: missing; there is no run to resume in {self.dir}")
-            saved = _read_run_file(run_file)
-            if saved != json.loads(config.model_dump_json()):
+            # Compared as validated configs, so a run from an older release (without a newly added, defaulted
+            # setting) still resumes.
+            if EvolveConfig.model_validate(_read_run_file(run_file)) != config:
                 raise RunError(f"{run_file}: the saved config differs from the one given; resume without --config")
         elif self.dir.exists() and any(self.dir.iterdir()):
             raise RunError(f"{self.dir}: not empty; pass --resume to continue the run there, or choose another --out")
         base_model, self.tokenizer = load_model(config.models / "base")
-        self.engine = TransformersEngine(base_model, self.tokenizer)
+        self.base_weights = {k: v.detach().clone() for k, v in base_model.named_parameters()}
+        if config.engine == "vllm":
+            from evolve.engines.vllm_engine import VLLMEngine
+
+            self.engine: TransformersEngine | VLLMEngine = VLLMEngine(config.models / "base", seed=config.seed)
+        else:
+            self.engine = TransformersEngine(base_model, self.tokenizer)
         if resume and (self.dir / STATE_FILE).exists():
             self.bases = Bases.load(self.dir / "svd")
             self.state = RunState.load(self.dir / STATE_FILE)
@@ -172,7 +182,7 @@ class Evolution:
         (self.dir / RUN_FILE).write_text(
             json.dumps({"format_version": FORMAT_VERSION, "config": json.loads(cfg.model_dump_json())}, indent=2)
         )
-        base = {k: v.detach().clone() for k, v in self.engine.state_dict().items()}
+        base = self.base_weights
         experts = {}
         for s in cfg.skills:
             model, _ = load_model(cfg.models / "experts" / s)
@@ -201,7 +211,7 @@ class Evolution:
 
     # -- the cycle -------------------------------------------------------------------------------------------
     def score(self, genome: torch.Tensor, split: str = "validation") -> dict[str, float]:
-        self.bases.materialise_into(genome, self.engine.state_dict())
+        self.engine.load_genome(self.bases, genome)
         n = self.config.validation_items if split == "validation" else self.config.test_items
         return {s: t.evaluate(self.engine, split, n, seed=self.config.seed).quality for s, t in self.skills.items()}  # type: ignore[arg-type]
 

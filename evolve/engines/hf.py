@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from evolve.genome import Bases
 from evolve.models.modeling import load_model
 
 
@@ -43,6 +44,10 @@ class TransformersEngine:
             if w.shape != p.shape:
                 raise ValueError(f"{name}: shape {tuple(w.shape)} does not match the model's {tuple(p.shape)}")
             p.data.copy_(w)
+
+    def load_genome(self, bases: Bases, genome: torch.Tensor) -> None:
+        """Materialise ``genome`` straight into this engine's parameters (no reallocation per child)."""
+        bases.materialise_into(genome, self.state_dict())
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]:
         """Greedy completions, in the order of ``prompts``; generation stops at EOS."""

@@ -100,3 +100,15 @@ def test_save_load_round_trip_and_corruption(tmp_path, family):
         Bases.load(tmp_path / "svd")
     with pytest.raises(BasisError, match="holds no SVD bases"):
         Bases.load(tmp_path)
+
+
+def test_materialising_into_the_model_the_base_came_from_keeps_the_base(tiny_model):
+    params = dict(tiny_model.named_parameters())
+    base = {k: v.detach() for k, v in params.items()}  # views of the live model, as a caller may pass them
+    snapshot = {k: v.clone() for k, v in base.items()}
+    experts = {"a": {k: v + 0.05 for k, v in snapshot.items()}}
+    bases = Bases.compute(base, experts)
+    for _ in range(3):
+        bases.materialise_into(bases.layout.expert(0), {k: p.data for k, p in params.items()})
+    assert _close(bases.base, snapshot, tol=0)
+    assert _close({k: p.data for k, p in params.items()}, experts["a"])

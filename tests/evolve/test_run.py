@@ -131,3 +131,14 @@ def test_foreign_or_changed_run_config_is_refused(tmp_path, mini_models):
     (tmp_path / "r" / "run.json").write_text('{"format_version": 7}')
     with pytest.raises(RunError, match="format_version"):
         Evolution(tmp_path / "r", cfg, resume=True)
+
+
+def test_a_run_saved_without_a_newer_defaulted_setting_still_resumes(tmp_path, mini_models):
+    cfg = mini_evolve_config(mini_models, generations=1)
+    Evolution(tmp_path / "r", cfg).run()
+    run_file = tmp_path / "r" / "run.json"
+    data = json.loads(run_file.read_text())
+    del data["config"]["engine"]  # as written before the setting existed
+    run_file.write_text(json.dumps(data))
+    ev = Evolution(tmp_path / "r", cfg, resume=True)
+    assert ev.state.generation == 1

