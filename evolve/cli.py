@@ -10,7 +10,7 @@ from rich.console import Console
 
 app = typer.Typer(help="Evolve a population of skill-specialised LLM elites with CycleQD.", no_args_is_help=True)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # never break a path in an error message
 
 
 @app.callback()
@@ -134,9 +134,37 @@ def run(
             progress.update(task, advance=1, quality=ev.quality_skill(info["generation"] + 1), archives=summary())
 
         ev.run(on_generation)
+    from evolve.plots import heatmaps
+
+    maps = heatmaps(ev.state.archives, out / "heatmaps")
+    if maps:
+        console.print(f"elite maps: {', '.join(str(m) for m in maps)}")
     best = ev.best_mean_elite()
     scores = ", ".join(f"{k} {100 * v:.1f}" for k, v in ev.state.elites[best]["validation"].items())
     console.print(f"best elite by mean validation score: [bold]{best}[/bold] ({scores}); run directory: {out}")
+
+
+@app.command()
+def ablate(
+    out: Annotated[Path, typer.Option(help="directory for one run per variant and ablation.json")] = Path(
+        ".cache/demo/ablation"
+    ),
+    config: Annotated[Path | None, typer.Option(help="YAML file of the base configuration (EvolveConfig)")] = None,
+) -> None:
+    """Rerun without cycling / without mutation / with Gaussian mutation / with uniform sampling, and tabulate
+    CycleQD's final models on test like the paper's ablation. An interrupted ablation resumes."""
+    from evolve.ablate import ablate as run_ablation
+    from evolve.config import ConfigError, load_yaml_model
+    from evolve.genome import BasisError
+    from evolve.models.modeling import ModelError
+    from evolve.run import EvolveConfig, RunError
+
+    try:
+        cfg = load_yaml_model(config, EvolveConfig) if config else EvolveConfig()
+        run_ablation(cfg, out, console)
+    except (ConfigError, RunError, ModelError, BasisError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 @app.command()

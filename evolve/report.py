@@ -52,21 +52,25 @@ def score_run(run_dir: Path, console: Console) -> dict[str, dict[str, float]]:
         rows["TIES"] = weights(ties(base, experts))
         rows["DARE"] = weights(dare(base, experts, seed=cfg.seed))
         status.update("CycleQD")
-        best = ev.best_mean_elite()
-        rows["CycleQD best elite"] = ev.score(ev.state.genomes[best], "test")
-        genome, _ = ev.aggregate_genome()
-        rows["CycleQD aggregate"] = ev.score(genome, "test")
+        rows.update(score_cycleqd(ev))
     for r in rows.values():
         r["mean"] = sum(r[s] for s in cfg.skills) / len(cfg.skills)
     report = {
         "split": "test",
         "test_items": cfg.test_items,
         "generations": ev.state.generation,
-        "best_elite": best,
+        "best_elite": ev.best_mean_elite(),
         "rows": rows,
     }
     write_json_atomic(Path(run_dir) / REPORT_FILE, report)
     return rows
+
+
+def score_cycleqd(ev: Evolution) -> dict[str, dict[str, float]]:
+    """Test scores of CycleQD's two final models: the best elite by mean validation score, the aggregate."""
+    best = ev.state.genomes[ev.best_mean_elite()]
+    genome, _ = ev.aggregate_genome()
+    return {"CycleQD best elite": ev.score(best, "test"), "CycleQD aggregate": ev.score(genome, "test")}
 
 
 def combine(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:

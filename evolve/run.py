@@ -21,7 +21,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,6 +172,8 @@ class Evolution:
             self.engine: TransformersEngine | VLLMEngine = VLLMEngine(config.models / "base", seed=config.seed)
         else:
             self.engine = TransformersEngine(base_model, self.tokenizer)
+        #: Seconds spent per phase (sampling, crossover, mutation, materialisation, evaluation, saving).
+        self.timings: defaultdict[str, float] = defaultdict(float)
         if resume and (self.dir / STATE_FILE).exists():
             self.bases = Bases.load(self.dir / "svd")
             self.state = RunState.load(self.dir / STATE_FILE)
@@ -210,10 +215,20 @@ class Evolution:
         st.save(self.dir / STATE_FILE)
 
     # -- the cycle -------------------------------------------------------------------------------------------
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] += time.perf_counter() - t0
+
     def score(self, genome: torch.Tensor, split: str = "validation") -> dict[str, float]:
-        self.engine.load_genome(self.bases, genome)
+        with self._timed("materialisation"):
+            self.engine.load_genome(self.bases, genome)
         n = self.config.validation_items if split == "validation" else self.config.test_items
-        return {s: t.evaluate(self.engine, split, n, seed=self.config.seed).quality for s, t in self.skills.items()}  # type: ignore[arg-type]
+        with self._timed("evaluation"):
+            return {s: t.evaluate(self.engine, split, n, seed=self.config.seed).quality for s, t in self.skills.items()}  # type: ignore[arg-type]
 
     def quality_skill(self, generation: int) -> str:
         cfg = self.config
@@ -229,9 +244,12 @@ class Evolution:
         q_index = cfg.skills.index(q)
         children = []
         for c in range(cfg.children_per_generation):
-            p1, p2 = sample_parents(st.archives[q].elites(), cfg.sampling, st.np_rng)
-            genome, weights = crossover([st.genomes[p1.id], st.genomes[p2.id]], cfg.crossover, st.torch_gen)
-            genome = mutate(genome, self.bases.layout, q_index, cfg.mutation, st.torch_gen)
+            with self._timed("sampling"):
+                p1, p2 = sample_parents(st.archives[q].elites(), cfg.sampling, st.np_rng)
+            with self._timed("crossover"):
+                genome, weights = crossover([st.genomes[p1.id], st.genomes[p2.id]], cfg.crossover, st.torch_gen)
+            with self._timed("mutation"):
+                genome = mutate(genome, self.bases.layout, q_index, cfg.mutation, st.torch_gen)
             lineage = {
                 "generation": t,
                 "quality": q,
@@ -254,7 +272,8 @@ class Evolution:
                 del st.genomes[eid]
                 del st.elites[eid]
         st.generation = t + 1
-        st.save(self.dir / STATE_FILE)
+        with self._timed("saving"):
+            st.save(self.dir / STATE_FILE)
         return {"generation": t, "quality": q, "added": added}
 
     def run(self, on_generation: Callable[[dict[str, Any]], None] | None = None) -> None:

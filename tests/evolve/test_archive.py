@@ -63,3 +63,14 @@ def test_default_ranges_follow_the_paper():
         pytest.approx((0.85 * 0.5, 1.15 * 0.9)),
         pytest.approx((0.85 * 0.4, 1.15 * 0.8)),
     ]
+
+
+def test_heatmap_png(tmp_path):
+    from evolve.plots import heatmap
+
+    a = make()
+    a.add(["a", "b"], [{"code": 0.5, "os": 0.1, "db": 0.1}, {"code": 0.9, "os": 0.9, "db": 0.6}])
+    path = heatmap(a, tmp_path / "m.png")
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    one = SkillArchive(quality="code", measures=["os"], ranges=[(0, 1)])
+    assert heatmap(one, tmp_path / "x.png") is None and not (tmp_path / "x.png").exists()

@@ -142,3 +142,22 @@ def test_a_run_saved_without_a_newer_defaulted_setting_still_resumes(tmp_path, m
     run_file.write_text(json.dumps(data))
     ev = Evolution(tmp_path / "r", cfg, resume=True)
     assert ev.state.generation == 1
+
+
+@pytest.mark.slow
+def test_ablation_runs_every_variant_and_resumes(tmp_path, mini_models):
+    from evolve.ablate import VARIANTS, ablate, variant_config
+
+    cfg = mini_evolve_config(mini_models, generations=2)
+    assert variant_config(cfg, {"cycle": False}).fixed_quality == "code"
+    assert variant_config(cfg, {"mutation": {"kind": "gaussian"}}).mutation.rate == cfg.mutation.rate
+    results = ablate(cfg, tmp_path / "abl", Console(quiet=True))
+    assert list(results) == list(VARIANTS)
+    for rows in results.values():
+        assert set(rows) == {"CycleQD best elite", "CycleQD aggregate"}
+    no_mut = RunState.load(tmp_path / "abl" / "wo-mutation" / STATE_FILE)
+    assert {e["lineage"].get("mutation") for e in no_mut.elites.values()} <= {None, "none"}
+    stamp = (tmp_path / "abl" / "cycleqd" / STATE_FILE).stat().st_mtime_ns
+    again = ablate(cfg, tmp_path / "abl", Console(quiet=True))  # resumes: nothing left to evolve
+    assert (tmp_path / "abl" / "cycleqd" / STATE_FILE).stat().st_mtime_ns == stamp
+    assert again == results
