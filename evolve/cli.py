@@ -167,6 +167,38 @@ def ablate(
         raise typer.Exit(2) from None
 
 
+@app.command("export-lora")
+def export_lora(
+    run_dir: Annotated[Path, typer.Option("--run", help="a run directory")],
+    out: Annotated[Path, typer.Option(help="adapter directory to write (PEFT format)")],
+    elite: Annotated[str, typer.Option(help="elite id, 'best' (by mean validation score) or 'aggregate'")] = "best",
+    rank: Annotated[int, typer.Option(min=1, help="singular directions kept per expert (LoRA rank = K x rank)")] = 16,
+) -> None:
+    """Export an elite as a PEFT LoRA adapter over the base model, reporting the truncation error."""
+    from evolve.genome import BasisError
+    from evolve.lora import save_lora
+    from evolve.models.modeling import ModelError
+    from evolve.run import Evolution, RunError, load_run_config
+
+    try:
+        ev = Evolution(run_dir, load_run_config(run_dir), resume=True)
+        if elite == "aggregate":
+            genome, _ = ev.aggregate_genome()
+        else:
+            eid = ev.best_mean_elite() if elite == "best" else elite
+            if eid not in ev.state.genomes:
+                known = ", ".join(sorted(ev.state.genomes)[:5])
+                raise RunError(f"{run_dir}: no elite {eid!r} in the run (e.g. {known}); see its state.safetensors")
+            genome = ev.state.genomes[eid]
+        export = save_lora(ev.bases, genome, rank, out, base_model=str(ev.config.models / "base"))
+    except (RunError, ModelError, BasisError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(
+        f"wrote {out}: LoRA rank {export.rank}, truncation error {100 * export.truncation_error:.2f}% of the task vector"
+    )
+
+
 @app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="one or more run directories (e.g. one per seed)")],

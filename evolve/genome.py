@@ -208,17 +208,26 @@ class Bases:
         missing = self.base.keys() - params.keys()
         if missing:
             raise KeyError(f"the model lacks {len(missing)} tensors of the bases, e.g. {sorted(missing)[0]!r}")
-        for name, segs in self.layout.by_name.items():
+        for name in self.layout.by_name:
             acc = params[name]
             acc.copy_(self.base[name])
-            for seg in segs:
-                g = genome[seg.start : seg.start + seg.length]
-                f = self.factors[seg.expert]
-                if seg.length == 1 and f"{name}.delta" in f:
-                    if g.item() != 0.0:
-                        acc.add_(f[f"{name}.delta"], alpha=float(g.item()))
-                elif bool(g.any()):
-                    acc.addmm_(f[f"{name}.U"] * (g * f[f"{name}.S"]), f[f"{name}.V"].T)
+            self._add_delta(acc, genome, name)
+
+    def _add_delta(self, acc: torch.Tensor, genome: torch.Tensor, name: str) -> None:
+        for seg in self.layout.by_name[name]:
+            g = genome[seg.start : seg.start + seg.length]
+            f = self.factors[seg.expert]
+            if seg.length == 1 and f"{name}.delta" in f:
+                if g.item() != 0.0:
+                    acc.add_(f[f"{name}.delta"], alpha=float(g.item()))
+            elif bool(g.any()):
+                acc.addmm_(f[f"{name}.U"] * (g * f[f"{name}.S"]), f[f"{name}.V"].T)
+
+    def delta(self, genome: torch.Tensor, name: str) -> torch.Tensor:
+        """The genome's task vector for one tensor (its weights minus the base's)."""
+        acc = torch.zeros_like(self.base[name])
+        self._add_delta(acc, genome, name)
+        return acc
 
     def materialise(self, genome: torch.Tensor) -> dict[str, torch.Tensor]:
         """The genome's full weights as a new state dict."""

@@ -161,3 +161,24 @@ def test_ablation_runs_every_variant_and_resumes(tmp_path, mini_models):
     again = ablate(cfg, tmp_path / "abl", Console(quiet=True))  # resumes: nothing left to evolve
     assert (tmp_path / "abl" / "cycleqd" / STATE_FILE).stat().st_mtime_ns == stamp
     assert again == results
+
+
+def test_export_lora_cli(tmp_path, mini_models):
+    import subprocess
+    import sys
+
+    Evolution(tmp_path / "r", mini_evolve_config(mini_models, generations=1)).run()
+    base = [sys.executable, "-m", "evolve", "export-lora", "--run", str(tmp_path / "r")]
+    out = subprocess.run(
+        [*base, "--out", str(tmp_path / "a"), "--rank", "4"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file() and "truncation error" in out.stdout
+    out = subprocess.run(
+        [*base, "--out", str(tmp_path / "b"), "--elite", "nope"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and "no elite 'nope'" in out.stderr and not (tmp_path / "b").exists()
+    out = subprocess.run(
+        [*base, "--out", str(tmp_path / "c"), "--rank", "999"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and "exceeds what" in out.stderr and not (tmp_path / "c").exists()
