@@ -194,9 +194,8 @@ def export_lora(
     except (RunError, ModelError, BasisError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    console.print(
-        f"wrote {out}: LoRA rank {export.rank}, truncation error {100 * export.truncation_error:.2f}% of the task vector"
-    )
+    loss = f"{100 * export.truncation_error:.2f}%"
+    console.print(f"wrote {out}: LoRA rank {export.rank}, truncation error {loss} of the task vector")
 
 
 @app.command()
