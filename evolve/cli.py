@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +13,24 @@ from rich.console import Console
 app = typer.Typer(help="Evolve a population of skill-specialised LLM elites with CycleQD.", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # never break a path in an error message
+
+
+@contextmanager
+def user_errors(*extra: type[Exception]) -> Iterator[None]:
+    """Bad input (config, directories, models, runs) ends the command with its message and exit code 2, never a
+    traceback; anything else is a bug and keeps its traceback."""
+    from evolve.bootstrap import BootstrapError
+    from evolve.config import ConfigError
+    from evolve.genome import BasisError
+    from evolve.models.modeling import ModelError
+    from evolve.run import RunError
+    from evolve.skills import UnknownSkillError
+
+    try:
+        yield
+    except (ConfigError, BootstrapError, ModelError, RunError, BasisError, UnknownSkillError, *extra) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 @app.callback()
@@ -30,16 +50,12 @@ def bootstrap(
 ) -> None:
     """Train the embedded default's base model, one expert per skill and the multi-task baseline on the CPU,
     then print their test accuracy with the plain average merges of the experts."""
-    from evolve.bootstrap import BootstrapError, run_bootstrap
-    from evolve.config import BootstrapConfig, ConfigError, load_yaml_model
-    from evolve.models.modeling import ModelError
+    from evolve.bootstrap import run_bootstrap
+    from evolve.config import BootstrapConfig, load_yaml_model
 
-    try:
+    with user_errors():
         cfg = load_yaml_model(config, BootstrapConfig) if config else BootstrapConfig()
         run_bootstrap(cfg, out, force=force, console=console)
-    except (ConfigError, BootstrapError, ModelError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -54,19 +70,13 @@ def evaluate(
     from rich.table import Table
 
     from evolve.engines.hf import TransformersEngine
-    from evolve.models.modeling import ModelError
-    from evolve.skills import SKILL_NAMES, SPLITS, UnknownSkillError, get_skill
+    from evolve.skills import SKILL_NAMES, SPLITS, get_skill
 
-    try:
-        if split not in SPLITS:
-            raise typer.BadParameter(
-                f"unknown split {split!r}: expected one of {', '.join(SPLITS)}", param_hint="--split"
-            )
+    if split not in SPLITS:
+        raise typer.BadParameter(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}", param_hint="--split")
+    with user_errors():
         tasks = [get_skill(name) for name in (skill or SKILL_NAMES)]
         engine = TransformersEngine.from_pretrained(model)
-    except (ModelError, UnknownSkillError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     table = Table(title=f"{model} on {split} ({limit} items per skill)")
     table.add_column("skill")
     table.add_column("accuracy", justify="right")
@@ -90,21 +100,16 @@ def run(
     mutation of their parents' genomes. The run directory is saved atomically after every generation."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evolve.config import ConfigError, load_yaml_model
-    from evolve.genome import BasisError
-    from evolve.models.modeling import ModelError
-    from evolve.run import Evolution, EvolveConfig, RunError, load_run_config
+    from evolve.config import load_yaml_model
+    from evolve.run import Evolution, EvolveConfig, load_run_config
 
-    try:
+    with user_errors():
         if resume and config is None:
             cfg = load_run_config(out)
         else:
             cfg = load_yaml_model(config, EvolveConfig) if config else EvolveConfig()
         with console.status("setting up: SVD bases, scoring the experts"):
             ev = Evolution(out, cfg, resume=resume)
-    except (ConfigError, RunError, ModelError, BasisError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
 
     def summary() -> str:
         parts = []
@@ -154,17 +159,12 @@ def ablate(
     """Rerun without cycling / without mutation / with Gaussian mutation / with uniform sampling, and tabulate
     CycleQD's final models on test like the paper's ablation. An interrupted ablation resumes."""
     from evolve.ablate import ablate as run_ablation
-    from evolve.config import ConfigError, load_yaml_model
-    from evolve.genome import BasisError
-    from evolve.models.modeling import ModelError
-    from evolve.run import EvolveConfig, RunError
+    from evolve.config import load_yaml_model
+    from evolve.run import EvolveConfig
 
-    try:
+    with user_errors():
         cfg = load_yaml_model(config, EvolveConfig) if config else EvolveConfig()
         run_ablation(cfg, out, console)
-    except (ConfigError, RunError, ModelError, BasisError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
 
 
 @app.command("export-lora")
@@ -175,12 +175,10 @@ def export_lora(
     rank: Annotated[int, typer.Option(min=1, help="singular directions kept per expert (LoRA rank = K x rank)")] = 16,
 ) -> None:
     """Export an elite as a PEFT LoRA adapter over the base model, reporting the truncation error."""
-    from evolve.genome import BasisError
     from evolve.lora import save_lora
-    from evolve.models.modeling import ModelError
     from evolve.run import Evolution, RunError, load_run_config
 
-    try:
+    with user_errors(ValueError):  # ValueError: a LoRA rank the model does not allow
         ev = Evolution(run_dir, load_run_config(run_dir), resume=True)
         if elite == "aggregate":
             genome, _ = ev.aggregate_genome()
@@ -191,9 +189,6 @@ def export_lora(
                 raise RunError(f"{run_dir}: no elite {eid!r} in the run (e.g. {known}); see its state.safetensors")
             genome = ev.state.genomes[eid]
         export = save_lora(ev.bases, genome, rank, out, base_model=str(ev.config.models / "base"))
-    except (RunError, ModelError, BasisError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     loss = f"{100 * export.truncation_error:.2f}%"
     console.print(f"wrote {out}: LoRA rank {export.rank}, truncation error {loss} of the task vector")
 
@@ -204,16 +199,10 @@ def report(
     out: Annotated[Path | None, typer.Option(help="also write OUT.json and OUT.md")] = None,
 ) -> None:
     """Print (and save) the results table on the test split: base, experts, multi-task, merges, CycleQD."""
-    from evolve.genome import BasisError
-    from evolve.models.modeling import ModelError
     from evolve.report import report as make_report
-    from evolve.run import RunError
 
-    try:
+    with user_errors():
         make_report(runs, console, out)
-    except (RunError, ModelError, BasisError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
 
 
 def main() -> None:
