@@ -47,10 +47,9 @@ def score_run(run_dir: Path, console: Console) -> dict[str, dict[str, float]]:
         status.update("merges")
         k = len(cfg.skills)
         rows["task arithmetic (average)"] = ev.score(sum(layout.expert(q) for q in range(k)) / k, "test")
-        base = ev.bases.materialise(layout.base())
         experts = [ev.bases.materialise(layout.expert(q)) for q in range(k)]
-        rows["TIES"] = weights(ties(base, experts))
-        rows["DARE"] = weights(dare(base, experts, seed=cfg.seed))
+        rows["TIES"] = weights(ties(ev.bases.base, experts))
+        rows["DARE"] = weights(dare(ev.bases.base, experts, seed=cfg.seed))
         status.update("CycleQD")
         rows.update(score_cycleqd(ev))
     for r in rows.values():

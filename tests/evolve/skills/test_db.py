@@ -20,9 +20,10 @@ def test_equivalent_queries_pass(task):
     answers = [
         f"select name from employees where age > {n} and dept = '{d}';",
         f'SELECT e.name FROM employees AS e WHERE e.dept = "{d}" AND e.age >= {n + 1} ORDER BY e.id DESC',
+        # right, but graders read an answer's first line only ("SELECT name"), so it scores 0
         f"SELECT name\nFROM employees WHERE dept = '{d}' AND age > {n}",
     ]
-    assert task.grade([item] * 3, answers[:1] + answers[1:2] + answers[2:3]) == [1.0, 1.0, 0.0]
+    assert task.grade([item] * 3, answers) == [1.0, 1.0, 0.0]
 
 
 def test_order_matters_only_when_the_question_orders(task):
