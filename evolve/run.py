@@ -284,18 +284,36 @@ class Evolution:
 
     # -- final models ----------------------------------------------------------------------------------------
     def best_mean_elite(self) -> str:
-        """The elite with the highest mean validation score (ties: the smaller id)."""
-        return max(sorted(self.state.elites), key=lambda e: _mean(self.state.elites[e]["validation"]))
+        return best_mean_elite(self.state)
 
     def aggregate_genome(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """The paper's final model: each archive's best elite, merged with softmax(best quality) weights."""
-        best = {s: a.stats.best_id for s, a in self.state.archives.items()}
-        q = torch.tensor([self.state.archives[s].stats.best for s in best])
-        w = torch.softmax(q, dim=0).tolist()
-        genome = torch.zeros(self.bases.layout.size)
-        for wi, s in zip(w, best, strict=True):
-            genome.add_(self.state.genomes[best[s]], alpha=wi)
-        return genome, {best[s]: wi for wi, s in zip(w, best, strict=True)}
+        return aggregate_genome(self.state)
+
+
+def aggregate_genome(state: RunState) -> tuple[torch.Tensor, dict[str, float]]:
+    """The paper's final model: each archive's best elite, merged with softmax(best quality) weights."""
+    best = {s: a.stats.best_id for s, a in state.archives.items()}
+    q = torch.tensor([state.archives[s].stats.best for s in best])
+    w = torch.softmax(q, dim=0).tolist()
+    genome = torch.zeros_like(next(iter(state.genomes.values())))
+    for wi, s in zip(w, best, strict=True):
+        genome.add_(state.genomes[best[s]], alpha=wi)
+    return genome, {best[s]: wi for wi, s in zip(w, best, strict=True)}
+
+
+def best_mean_elite(state: RunState) -> str:
+    """The elite with the highest mean validation score (ties: the smaller id)."""
+    return max(sorted(state.elites), key=lambda e: _mean(state.elites[e]["validation"]))
+
+
+def load_run(run_dir: Path) -> tuple[EvolveConfig, RunState, Bases]:
+    """Read a run directory without building an engine (for serving and inspection)."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    state_file = run_dir / STATE_FILE
+    if not state_file.is_file():
+        raise RunError(f"{state_file}: missing; the run in {run_dir} has not saved a generation yet")
+    return config, RunState.load(state_file), Bases.load(run_dir / "svd")
 
 
 def _mean(scores: dict[str, float]) -> float:
@@ -314,7 +332,10 @@ def _read_run_file(path: Path) -> dict[str, Any]:
 
 
 def load_run_config(run_dir: Path) -> EvolveConfig:
-    return EvolveConfig.model_validate(_read_run_file(Path(run_dir) / RUN_FILE))
+    run_file = Path(run_dir) / RUN_FILE
+    if not run_file.is_file():
+        raise RunError(f"{run_file}: missing; {run_dir} is not a CycleQD run directory")
+    return EvolveConfig.model_validate(_read_run_file(run_file))
 
 
 def archive_ids(state: RunState) -> dict[str, list[tuple[tuple[int, ...], str, float]]]:

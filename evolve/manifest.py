@@ -1,0 +1,145 @@
+"""The serving manifest (contract #2, see ARCHITECTURE.md): which endpoint serves which elite.
+
+``cycleqd-serve`` writes it (atomically, every time an engine or an elite comes or goes, or an engine's health
+changes); ``cycleqd-router`` reads it and nothing else. It lives here, next to the run-directory schema, so that
+the router can import it without importing serve/, vLLM or torch (this module needs only pydantic).
+
+``manifest.json`` (``format_version`` 1)::
+
+    {
+      "format_version": 1,
+      "run": "<run directory>",  "skills": ["code", "os", "db"],  "updated_at": <unix seconds>,
+      "engines": [{"id": "engine-0", "url": "http://127.0.0.1:8100", "device": "cpu", "mode": "lora",
+                   "pid": 1234, "health": "ready", "restarts": 0, "log": "<file>", "base_model": "<dir>"}],
+      "elites":  [{"id": "g00003c00", "engine_id": "engine-0", "served_model_name": "g00003c00",
+                   "endpoint": "http://127.0.0.1:8100/v1", "kind": "lora", "lora_rank": 96,
+                   "scores": {"code": 0.89, ...},          # validation scores from the archive
+                   "served_scores": {"code": 0.88, ...},   # the served weights' validation scores (LoRA truncation)
+                   "test_scores": {...} | null, "lineage": {...}, "selected_by": ["best:code"]}]
+    }
+
+An elite's health is its engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+class ManifestError(RuntimeError):
+    """A manifest that cannot be used; the message names the file and the field."""
+
+
+class Health(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    UNHEALTHY = "unhealthy"
+    RESTARTING = "restarting"
+    FAILED = "failed"  # gave up after too many restarts
+    STOPPED = "stopped"
+
+
+class EngineEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    url: str = Field(description="server root, e.g. http://127.0.0.1:8100 (the OpenAI API is under /v1)")
+    device: str
+    mode: Literal["lora", "full"]
+    base_model: str
+    pid: int | None = None
+    health: Health = Health.STARTING
+    restarts: int = 0
+    log: str | None = None
+
+
+class EliteEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    engine_id: str
+    served_model_name: str
+    endpoint: str = Field(description="OpenAI base URL, e.g. http://127.0.0.1:8100/v1")
+    kind: Literal["lora", "full"]
+    lora_rank: int | None = None
+    scores: dict[str, float] = Field(description="validation score per skill, from the archive")
+    served_scores: dict[str, float] | None = Field(
+        None, description="validation scores of the weights actually served (a LoRA adapter loses some)"
+    )
+    test_scores: dict[str, float] | None = None
+    lineage: dict[str, Any] = Field(default_factory=dict)
+    selected_by: list[str] = Field(default_factory=list)
+
+    def routing_scores(self) -> dict[str, float]:
+        """What the router should weigh: the served weights' scores when measured, else the archive's."""
+        return self.served_scores or self.scores
+
+
+class ServingManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal[1] = FORMAT_VERSION
+    run: str
+    skills: list[str]
+    updated_at: float = Field(default_factory=time.time)
+    engines: list[EngineEntry] = Field(default_factory=list)
+    elites: list[EliteEntry] = Field(default_factory=list)
+
+    def engine(self, engine_id: str) -> EngineEntry:
+        for e in self.engines:
+            if e.id == engine_id:
+                return e
+        raise KeyError(engine_id)
+
+    def health_of(self, elite: EliteEntry) -> Health:
+        try:
+            return self.engine(elite.engine_id).health
+        except KeyError:
+            return Health.STOPPED
+
+
+def save_manifest(path: Path, manifest: ServingManifest) -> None:
+    """Write new, then rename: a reader never sees half a manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest.updated_at = time.time()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(manifest.model_dump_json(indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_manifest(path: Path) -> ServingManifest:
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no serving manifest there; start `cycleqd-serve run` or pass the right path")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: corrupt, not JSON ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+        version = raw.get("format_version") if isinstance(raw, dict) else None
+        raise ManifestError(
+            f"{path}: field 'format_version' is {version!r}, expected {FORMAT_VERSION}; not a CycleQD serving manifest"
+        )
+    try:
+        return ServingManifest.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise ManifestError(f"{path}: field '{field}': {err['msg']}") from exc

@@ -1,0 +1,85 @@
+"""The serve config: one YAML file, validated by pydantic (``cycleqd-serve ... --config serve.yaml``).
+
+Every field has a default that serves the demo run on this machine's CPU, so an empty file is a valid config.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Selection(BaseModel):
+    """Which elites to serve; the rules combine (union, in the order below, without duplicates)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(default_factory=list, description="explicit elite ids, e.g. g00003c00 or expert:code")
+    best_per_skill: bool = Field(True, description="each skill archive's best elite")
+    pareto: bool = Field(False, description="every elite on the Pareto front over the skills' validation scores")
+    aggregate: bool = Field(False, description="the paper's aggregate model (softmax merge of the archives' bests)")
+    top: int = Field(0, ge=0, description="the N elites with the highest mean validation score")
+
+
+class Device(BaseModel):
+    """One place engines run: the CPU (host memory) or one GPU."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["cpu", "cuda"] = "cpu"
+    index: int = Field(0, ge=0, description="GPU index (CUDA_VISIBLE_DEVICES) for kind: cuda")
+    memory_gib: float | None = Field(None, gt=0, description="memory to plan with; default: detected")
+
+    @property
+    def name(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+
+class Restart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_restarts: int = Field(5, ge=0, description="per engine, before it is marked failed")
+    backoff_s: float = Field(1.0, ge=0, description="first delay; doubles after each restart")
+    backoff_max_s: float = Field(30.0, ge=0)
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run: Path = Field(Path(".cache/demo/run"), description="the CycleQD run directory to serve from")
+    out: Path = Field(Path(".cache/demo/serve"), description="adapters/, models/, logs/ and manifest.json go here")
+    select: Selection = Field(default_factory=Selection)
+    mode: Literal["lora", "full"] = Field(
+        "lora", description="lora: one engine per device, elites as adapters; full: one engine per elite"
+    )
+    lora_rank: int = Field(32, ge=1, description="singular directions kept per expert; adapter rank = K x this")
+    max_loras: int = Field(8, ge=1, description="adapters an engine can hold in one batch (vLLM --max-loras)")
+    devices: list[Device] = Field(default_factory=list, description="default: every visible GPU, else the CPU")
+    memory_utilization: float = Field(0.8, gt=0, le=1, description="share of each device's memory to plan with")
+    kv_cache_gib: int = Field(1, ge=1, description="KV cache per engine (VLLM_CPU_KVCACHE_SPACE on CPU)")
+    engine_overhead_gib: float = Field(
+        2.0, ge=0, description="memory of an engine beyond weights and KV cache (measured ~1.9 GiB for vllm-cpu)"
+    )
+    host: str = Field("127.0.0.1", description="engines bind here; only change it behind a firewall")
+    port: int = Field(8100, ge=1, le=65535, description="first engine's port; the others count up")
+    admin_port: int = Field(8099, ge=1, le=65535, description="the supervisor's admin API (add/remove elites)")
+    admin_key_env: str = Field("CYCLEQD_ADMIN_KEY", description="environment variable holding the admin key")
+    python: str = Field(sys.executable, description="the interpreter that runs `vllm.entrypoints.openai.api_server`")
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    readiness_timeout_s: float = Field(240.0, gt=0)
+    health_interval_s: float = Field(2.0, gt=0)
+    restart: Restart = Field(default_factory=Restart)
+    measure_truncation: bool = Field(
+        True, description="score each LoRA adapter's weights on validation and record the change (served_scores)"
+    )
+    extra_engine_args: list[str] = Field(default_factory=list, description="appended to every vLLM command line")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.admin_port == self.port:
+            raise ValueError(f"admin_port {self.admin_port} equals port; give the admin API its own port")
+        return self

@@ -1,0 +1,123 @@
+"""Turning selected genomes into weights an engine can serve.
+
+- ``lora``: a PEFT adapter over the run's base model (``evolve.lora``); its truncation cost is *measured*: the
+  adapter's merged weights are scored on the validation split (``served_scores``) next to the archive's scores.
+- ``full``: a complete Hugging Face model directory per elite (exact; one engine each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from evolve.engines.hf import TransformersEngine
+from evolve.genome import Bases
+from evolve.lora import lora_factors, merged_weights, save_lora
+from evolve.models.modeling import load_model, save_model
+from evolve.run import EvolveConfig
+from evolve.skills import get_skill
+from serve.config import ServeConfig
+from serve.select import Selected
+
+#: The adapter ranks vLLM accepts for ``--max-lora-rank``.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class MaterialiseError(ValueError):
+    """A requested materialisation the model cannot give (e.g. a LoRA rank above what its matrices allow)."""
+
+
+@dataclass
+class Artifact:
+    selected: Selected
+    kind: str  # "lora" | "full"
+    path: Path
+    scores: dict[str, float]  # the genome's validation scores
+    served_scores: dict[str, float] | None  # the served weights' validation scores (None: not measured)
+    lora_rank: int | None = None
+    truncation_error: float | None = None
+
+
+def dir_name(elite_id: str) -> str:
+    """A file-system-safe name for an elite id (``expert:code`` -> ``expert-code``)."""
+    return elite_id.replace(":", "-").replace("/", "-")
+
+
+def max_lora_rank(total_rank: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds an adapter of ``total_rank``."""
+    for r in VLLM_LORA_RANKS:
+        if r >= total_rank:
+            return r
+    raise MaterialiseError(
+        f"an adapter of rank {total_rank} exceeds vLLM's largest max-lora-rank ({VLLM_LORA_RANKS[-1]}); "
+        f"lower lora_rank or use mode: full"
+    )
+
+
+def check_lora_rank(bases: Bases, rank: int) -> int:
+    """Validate ``rank`` (per expert) against the model and vLLM; return the total adapter rank."""
+    try:
+        lora_factors(bases, bases.layout.expert(0), rank)
+    except ValueError as exc:
+        raise MaterialiseError(f"lora_rank {rank}: {exc}") from exc
+    total = rank * bases.layout.n_experts
+    max_lora_rank(total)
+    return total
+
+
+class Scorer:
+    """Validation scores of weights, with the run's own items and seed (so they compare with the archive's)."""
+
+    def __init__(self, run_config: EvolveConfig) -> None:
+        model, tokenizer = load_model(run_config.models / "base")
+        self.engine = TransformersEngine(model, tokenizer)
+        self.config = run_config
+
+    def __call__(self, weights: dict) -> dict[str, float]:
+        self.engine.load_state_dict(weights)
+        n, seed = self.config.validation_items, self.config.seed
+        return {s: get_skill(s).evaluate(self.engine, "validation", n, seed=seed).quality for s in self.config.skills}
+
+
+def materialise(
+    cfg: ServeConfig,
+    run_config: EvolveConfig,
+    bases: Bases,
+    selected: list[Selected],
+    *,
+    scorer: Scorer | None = None,
+    on_done: Callable[[Artifact], None] | None = None,
+) -> list[Artifact]:
+    """Write every selected elite's weights under ``cfg.out``; score what needs scoring."""
+    needs_scorer = cfg.measure_truncation or any(s.scores is None for s in selected)
+    if needs_scorer and scorer is None:
+        scorer = Scorer(run_config)
+    out: list[Artifact] = []
+    for sel in selected:
+        scores = sel.scores
+        if scores is None:  # the aggregate: not in the archive, so scored here like every elite was
+            assert scorer is not None
+            scores = scorer(bases.materialise(sel.genome))
+        if cfg.mode == "lora":
+            path = cfg.out / "adapters" / dir_name(sel.id)
+            try:
+                export = save_lora(bases, sel.genome, cfg.lora_rank, path, base_model=str(run_config.models / "base"))
+            except ValueError as exc:
+                raise MaterialiseError(f"lora_rank {cfg.lora_rank}: {exc}") from exc
+            served = (
+                scorer(merged_weights(bases.base, lora_factors(bases, sel.genome, cfg.lora_rank)))
+                if (cfg.measure_truncation and scorer is not None)
+                else None
+            )
+            art = Artifact(sel, "lora", path, scores, served, export.rank, export.truncation_error)
+        else:
+            path = cfg.out / "models" / dir_name(sel.id)
+            model, tokenizer = load_model(run_config.models / "base")
+            bases.materialise_into(sel.genome, {k: p.data for k, p in model.named_parameters()})
+            save_model(model, tokenizer, path, {"role": "elite", "elite": sel.id, "run": str(cfg.run)})
+            art = Artifact(sel, "full", path, scores, dict(scores))
+        out.append(art)
+        if on_done:
+            on_done(art)
+    return out

