@@ -2,40 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TypeVar
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
+from evolve.configfile import ConfigError, load_yaml_model
 from evolve.models.modeling import ArchSpec
 from evolve.skills import SKILL_NAMES, get_skill
 
-T = TypeVar("T", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A configuration file that cannot be used; the message says which file, which field and why."""
-
-
-def load_yaml_model(path: Path, model: type[T]) -> T:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"{path}: invalid configuration"]
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  field '{field}': {err['msg']}")
-        raise ConfigError("\n".join(lines)) from exc
+__all__ = ["BootstrapConfig", "ConfigError", "PhaseConfig", "load_yaml_model"]
 
 
 class PhaseConfig(BaseModel):

@@ -1,23 +1,109 @@
-"""``cycleqd-router``: OpenAI-compatible gateway that routes each agent task to the best elite.
+"""``cycleqd-router``: the OpenAI-compatible gateway in front of the served elites.
 
-Not built yet (see the project's open issues); the entry point exists so that packaging and the command name
-are fixed, and it says so instead of pretending.
+cycleqd-router serve      [--policy routing.yaml] [--host 127.0.0.1] [--port 8000]
+cycleqd-router classifier [--policy routing.yaml]     the classifier's held-out accuracy
+cycleqd-router demo       [--url http://127.0.0.1:8000/v1] [--per-skill 4]
+                          held-out skill-world tasks through the router with the official openai client
 """
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
-app = typer.Typer(
-    help="OpenAI-compatible gateway that routes each agent task to the best elite. Not implemented yet.",
-    no_args_is_help=False,
-)
+app = typer.Typer(help="Route OpenAI-API requests to the best served CycleQD elite.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="routing policy (YAML); default: every default")]
 
 
-@app.callback(invoke_without_command=True)
-def _root() -> None:
-    typer.echo("cycleqd-router is not implemented yet: this release ships cycleqd-evolve bootstrap.", err=True)
-    raise typer.Exit(2)
+def load_policy(path: Path | None):
+    from evolve.configfile import ConfigError, load_yaml_model
+    from router.policy import RoutingPolicy
+
+    try:
+        return load_yaml_model(path, RoutingPolicy) if path else RoutingPolicy()
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    policy: PolicyOpt = None,
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
+) -> None:
+    """Run the gateway. SIGHUP or POST /admin/reload (admin key) reloads the policy file."""
+    import uvicorn
+
+    from router.app import Router, create_app
+
+    pol = load_policy(policy)
+    router = Router(pol, policy_path=policy)
+    console.print(f"cycleqd-router on http://{host}:{port}/v1, manifest {pol.manifest}")
+    uvicorn.run(create_app(router), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+
+
+@app.command()
+def classifier(policy: PolicyOpt = None) -> None:
+    """Build the skill classifier and print its accuracy on held-out (test-split) prompts."""
+    from router.app import Router
+
+    router = Router(load_policy(policy))
+    router.refresh_manifest(force=True)
+    with console.status("embedding exemplars"):
+        router.build_classifier()
+    for k, v in router.classifier_report.items():
+        console.print(f"{k}: {v:.4g}")
+
+
+@app.command()
+def demo(
+    url: Annotated[str, typer.Option(help="the router's OpenAI base URL")] = "http://127.0.0.1:8000/v1",
+    per_skill: Annotated[int, typer.Option(min=1, help="held-out tasks per skill")] = 4,
+    seed: Annotated[int, typer.Option(help="which tasks, and their order")] = 0,
+    api_key: Annotated[str, typer.Option(envvar="CYCLEQD_API_KEY", help="router API key, if it needs one")] = "none",
+) -> None:
+    """Send a mixed batch of held-out skill-world tasks through the router (model 'auto') and grade them."""
+    import openai
+
+    from evolve.skills import SKILL_NAMES, get_skill
+
+    tasks = [(s, item) for s in SKILL_NAMES for item in get_skill(s).items("test", per_skill, seed=seed + 1000)]
+    random.Random(seed).shuffle(tasks)
+    client = openai.OpenAI(base_url=url, api_key=api_key)
+    table = Table(title=f"{len(tasks)} held-out tasks through {url} (model 'auto')")
+    for c in ("task", "skill", "elite", "reason", "weights", "score"):
+        table.add_column(c)
+    per_skill_scores: dict[str, list[float]] = {s: [] for s in SKILL_NAMES}
+    try:
+        for skill, item in tasks:
+            raw = client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": item.prompt}], max_tokens=48, temperature=0
+            )
+            answer = raw.parse().choices[0].message.content or ""
+            score = get_skill(skill).grade([item], [answer])[0]
+            per_skill_scores[skill].append(score)
+            h = raw.headers
+            prompt = item.prompt if len(item.prompt) < 48 else item.prompt[:45] + "..."
+            table.add_row(
+                prompt, skill, h.get("x-cycleqd-elite", "?"), h.get("x-cycleqd-reason", "?"),
+                h.get("x-cycleqd-skill-weights", "?"), f"{score:.0f}",
+            )  # fmt: skip
+    except openai.APIError as exc:
+        err.print(f"[red]error:[/red] the router answered {exc}")
+        raise typer.Exit(1) from None
+    console.print(table)
+    summary = ", ".join(f"{s} {100 * sum(v) / len(v):.1f}%" for s, v in per_skill_scores.items())
+    console.print(f"score per skill: {summary}")
 
 
 def main() -> None:

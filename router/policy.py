@@ -1,0 +1,73 @@
+"""The routing policy: one YAML file, validated by pydantic, reloadable at run time (admin endpoint or SIGHUP).
+
+A reload swaps the whole policy object at once; requests already in flight keep the one they started with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ClassifierPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["centroid", "knn"] = "centroid"
+    k: int = Field(10, ge=1, description="neighbours for method: knn")
+    exemplars_per_skill: int = Field(150, ge=5, description="training prompts embedded per skill")
+
+
+class Breaker(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    failures: int = Field(3, ge=1, description="consecutive failures that open an endpoint's circuit")
+    reset_s: float = Field(10.0, gt=0, description="how long it stays open before one trial request")
+
+
+class Timeouts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    connect_s: float = Field(3.0, gt=0)
+    first_byte_s: float = Field(120.0, gt=0, description="until the upstream's response headers")
+    idle_s: float = Field(60.0, gt=0, description="longest gap between two chunks of a response")
+
+
+class RoutingPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: Path = Field(Path(".cache/demo/serve/manifest.json"), description="the serving manifest to route to")
+    aliases: dict[str, dict[str, float] | Literal["auto"]] = Field(
+        default_factory=lambda: {"auto": "auto", "coder": {"code": 1.0}, "shell": {"os": 1.0}, "sql": {"db": 1.0}},
+        description="model name -> skill weights, or 'auto' (header, else classifier)",
+    )
+    weights_header: str = Field("x-cycleqd-skill-weights", description='e.g. "code=0.7,db=0.3"')
+    session_header: str = Field("x-session-id", description="keeps a multi-turn episode on one elite")
+    margin: float = Field(0.02, ge=0, description="elites within this of the best weighted score count as equal")
+    max_attempts: int = Field(3, ge=1, description="endpoints tried per request (only before the first byte)")
+    classifier: ClassifierPolicy = Field(default_factory=ClassifierPolicy)
+    breaker: Breaker = Field(default_factory=Breaker)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    rate_limit_per_minute: int = Field(0, ge=0, description="per API key (or client address); 0: unlimited")
+    api_keys_file: Path | None = Field(None, description="one key per line; with api_keys_env unset too: no auth")
+    api_keys_env: str = Field("CYCLEQD_API_KEYS", description="comma-separated keys")
+    admin_key_env: str = Field("CYCLEQD_ROUTER_ADMIN_KEY", description="key for POST /admin/reload")
+    cache_dir: Path = Field(Path(".cache/router"), description="classifier exemplar embeddings")
+
+    @field_validator("aliases")
+    @classmethod
+    def _weights(cls, v: dict[str, dict[str, float] | str]) -> dict[str, dict[str, float] | str]:
+        for name, w in v.items():
+            if isinstance(w, dict) and (not w or any(x < 0 for x in w.values()) or sum(w.values()) <= 0):
+                raise ValueError(f"alias {name!r}: weights must be non-negative with a positive sum")
+        return v
+
+    def api_keys(self) -> list[str]:
+        import os
+
+        keys = [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
+        if self.api_keys_file is not None:
+            keys += [ln.strip() for ln in self.api_keys_file.read_text().splitlines() if ln.strip()]
+        return keys

@@ -1,0 +1,113 @@
+"""Choosing the elite for a request: weighted archive scores, a margin of equals, load, affinity, health.
+
+For skill weights w, elite e is worth sum_k w_k * score(e, k). Healthy elites within ``margin`` of the best are
+equals: a request without a session goes to the least-loaded of them; a session goes to the one that rendezvous
+(highest-random-weight) hashing of its key picks, so every router replica picks the same elite for the same
+session without sharing any state, and when that elite fails the next in the same hash order takes over. The
+rest follow by value, as fallbacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from evolve.manifest import EliteEntry
+
+
+def rendezvous_score(key: str, node: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{key}\0{node}".encode()).digest()[:8], "big")
+
+
+def value(elite: EliteEntry, weights: Mapping[str, float]) -> float:
+    scores = elite.routing_scores()
+    return sum(w * scores.get(k, 0.0) for k, w in weights.items())
+
+
+def rank(
+    elites: list[EliteEntry],
+    weights: Mapping[str, float],
+    *,
+    healthy: Callable[[EliteEntry], bool],
+    load: Callable[[EliteEntry], int],
+    margin: float,
+    session: str | None = None,
+) -> list[EliteEntry]:
+    """Healthy elites in the order to try them: the chosen one first, then fallbacks."""
+    live = [e for e in elites if healthy(e)]
+    if not live:
+        return []
+    vals = {e.id: value(e, weights) for e in live}
+    best = max(vals.values())
+    near = [e for e in live if vals[e.id] >= best - margin - 1e-12]
+    if session is not None:
+        near.sort(key=lambda e: -rendezvous_score(session, e.id))
+    else:
+        near.sort(key=lambda e: (load(e), -vals[e.id], e.id))
+    rest = sorted((e for e in live if e not in near), key=lambda e: (-vals[e.id], e.id))
+    return near + rest
+
+
+@dataclass
+class Breaker:
+    """Per-endpoint circuit breaker: open after N consecutive failures, one trial after ``reset_s``."""
+
+    failures: int
+    reset_s: float
+    count: int = 0
+    opened_at: float | None = None
+
+    def allows(self, now: float | None = None) -> bool:
+        if self.opened_at is None:
+            return True
+        return (now or time.monotonic()) - self.opened_at >= self.reset_s  # half-open: let one through
+
+    def record(self, ok: bool) -> None:
+        if ok:
+            self.count, self.opened_at = 0, None
+        else:
+            self.count += 1
+            if self.count >= self.failures:
+                self.opened_at = time.monotonic()
+
+
+def parse_weights(text: str, skills: list[str]) -> dict[str, float]:
+    """``code=0.7,db=0.3`` (or a JSON object) -> normalised weights; ValueError says what is wrong."""
+    import json
+
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg})") from exc
+        if not isinstance(raw, dict):
+            raise ValueError("expected an object of skill weights")
+        items = list(raw.items())
+    else:
+        items = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, num = part.partition("=")
+            if not sep:
+                raise ValueError(f"{part!r} is not skill=weight")
+            items.append((name.strip(), num.strip()))
+    out: dict[str, float] = {}
+    for name, w in items:
+        if name not in skills:
+            raise ValueError(f"unknown skill {name!r}; skills are {', '.join(skills)}")
+        try:
+            out[name] = float(w)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"weight of {name!r} is not a number") from exc
+        if not out[name] >= 0 or out[name] == float("inf"):
+            raise ValueError(f"weight of {name!r} must be a finite non-negative number")
+    return normalise(out)
+
+
+def normalise(weights: Mapping[str, float]) -> dict[str, float]:
+    total = sum(weights.values())
+    if not total > 0:
+        raise ValueError("skill weights must have a positive sum")
+    return {k: v / total for k, v in weights.items()}

@@ -1,0 +1,120 @@
+"""Fixtures: fake upstreams, a manifest over them, and the router running on a real port (uvicorn in a thread)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import uvicorn
+
+from evolve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
+from router.app import Router, create_app
+from router.policy import RoutingPolicy
+from router.testing import FakeUpstream
+
+SKILLS = ["code", "os", "db"]
+#: Per-skill scores of three fake elites: each is best at one skill.
+ELITES = {
+    "coder": {"code": 0.95, "os": 0.6, "db": 0.7},
+    "sheller": {"code": 0.6, "os": 0.97, "db": 0.7},
+    "querier": {"code": 0.7, "os": 0.6, "db": 0.96},
+}
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory):
+    """The real MiniLM classifier, built once per session."""
+    from router.classifier import MiniLM, build_classifier
+
+    encoder = MiniLM()
+    clf, report = build_classifier(encoder, SKILLS, exemplars_per_skill=60, cache_dir=tmp_path_factory.mktemp("clf"))
+    return encoder, clf, report
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_manifest(path, upstreams: dict[str, FakeUpstream], scores=ELITES, health=Health.READY) -> None:
+    m = ServingManifest(run="fake", skills=SKILLS)
+    for i, (eid, up) in enumerate(upstreams.items()):
+        m.engines.append(
+            EngineEntry(id=f"engine-{i}", url=up.url, device="cpu", mode="full", base_model="x", health=health)
+        )
+        m.elites.append(
+            EliteEntry(
+                id=eid,
+                engine_id=f"engine-{i}",
+                served_model_name=f"served-{eid}",
+                endpoint=f"{up.url}/v1",
+                kind="full",
+                scores=scores[eid],
+                lineage={"generation": i},
+            )
+        )
+    save_manifest(path, m)
+
+
+class RunningRouter:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(router), host="127.0.0.1", port=self.port, log_level="error")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> RunningRouter:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "router did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture()
+def upstreams() -> Iterator[dict[str, FakeUpstream]]:
+    ups = {eid: FakeUpstream(name=eid).start() for eid in ELITES}
+    yield ups
+    for u in ups.values():
+        u.stop()
+
+
+@pytest.fixture()
+def start_router(tmp_path, classifier, upstreams) -> Iterator[Callable[..., RunningRouter]]:
+    """Start a router over the fake upstreams; keyword arguments become policy settings."""
+    running: list[RunningRouter] = []
+
+    def start(policy_file: bool = False, **settings) -> RunningRouter:
+        manifest = tmp_path / "manifest.json"
+        if not manifest.exists():
+            write_manifest(manifest, upstreams)
+        settings = {"manifest": str(manifest), "cache_dir": str(tmp_path / "cache"), **settings}
+        policy = RoutingPolicy.model_validate(settings)
+        path = None
+        if policy_file:
+            import yaml
+
+            path = tmp_path / "policy.yaml"
+            path.write_text(yaml.safe_dump(settings))
+        r = RunningRouter(Router(policy, policy_path=path, classifier=classifier[:2]))
+        running.append(r.__enter__())
+        return r
+
+    yield start
+    for r in running:
+        r.__exit__()
