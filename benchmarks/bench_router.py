@@ -163,7 +163,9 @@ def main() -> None:
             f"{d['requests_per_s']:.0f}", f"{rt['requests_per_s']:.0f}",
         )  # fmt: skip
     console.print(table)
-    console.print(f"classifier latency per request: p50 {clf['p50_ms']:.2f} ms, p99 {clf['p99_ms']:.2f} ms ({clf['n']} prompts)")
+    console.print(
+        f"classifier latency per request: p50 {clf['p50_ms']:.2f} ms, p99 {clf['p99_ms']:.2f} ms ({clf['n']} prompts)"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows, "classifier": clf}
     args.out.write_text(json.dumps(result, indent=2))

@@ -46,7 +46,7 @@ async def throughput(url: str, models: list[str], prompts: list[str], n: int, co
         return n / (time.perf_counter() - t0)
 
 
-def start(cfg: ServeConfig):  # noqa: ANN201
+def start(cfg: ServeConfig):
     prep = prepare(cfg)
     preflight(prep)
     sup, _ = build_supervisor(prep)
