@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(help="Route OpenAI-API requests to the best served CycleQD elite.", no_args_is_help=True)
-console = Console()
+console = Console(width=150)  # the demo table is wide; pipes default to 80 columns
 err = Console(stderr=True, soft_wrap=True)
 
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="routing policy (YAML); default: every default")]

@@ -68,6 +68,16 @@ def _start(tmp_path: Path, mini_run: Path, **settings) -> tuple[subprocess.Popen
     return proc, tmp_path / "serve" / "manifest.json", cfg
 
 
+def _admin_cli(verb: str, elite: str, config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serve", verb, elite, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, CYCLEQD_ADMIN_KEY=KEY),
+        timeout=120,
+    )
+
+
 def _served_text(endpoint: str, model: str, prompts: list[str]) -> list[str]:
     client = openai.OpenAI(base_url=endpoint, api_key="unused")
     out = []
@@ -133,13 +143,7 @@ def test_multi_lora_engine_serves_adds_restarts_and_stops(tmp_path, mini_run):
             httpx.post(f"{admin}/elites", json={"id": extra}, headers={"Authorization": "Bearer wrong"}).status_code
             == 401
         )
-        added = subprocess.run(
-            [sys.executable, "-m", "serve", "add", extra, "--config", str(tmp_path / "serve.yaml")],
-            capture_output=True,
-            text=True,
-            env=dict(os.environ, CYCLEQD_ADMIN_KEY=KEY),
-            timeout=120,
-        )
+        added = _admin_cli("add", extra, tmp_path / "serve.yaml")
         assert added.returncode == 0, added.stderr
         m = load_manifest(manifest_path)
         entry = next(e for e in m.elites if e.id == extra)
@@ -148,13 +152,7 @@ def test_multi_lora_engine_serves_adds_restarts_and_stops(tmp_path, mini_run):
             engine, merged_weights(bases.base, lora_factors(bases, state.genomes[extra], RANK)), prompts[:6]
         )
         assert _served_text(entry.endpoint, extra, prompts[:6]) == want
-        removed = subprocess.run(
-            [sys.executable, "-m", "serve", "remove", extra, "--config", str(tmp_path / "serve.yaml")],
-            capture_output=True,
-            text=True,
-            env=dict(os.environ, CYCLEQD_ADMIN_KEY=KEY),
-            timeout=120,
-        )
+        removed = _admin_cli("remove", extra, tmp_path / "serve.yaml")
         assert removed.returncode == 0, removed.stderr
         assert extra not in {e.id for e in load_manifest(manifest_path).elites}
         with pytest.raises(openai.NotFoundError):
