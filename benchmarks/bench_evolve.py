@@ -3,7 +3,9 @@
 1. time per generation split into sampling / crossover / mutation / materialisation / evaluation / saving;
 2. materialisation throughput (genome -> weights written in place into the engine) against a plain copy of
    the same weights into the same tensors (the floor any weight swap pays), as a ratio;
-3. bytes on disk per elite (its genome in the run's state file) against a full copy of the model's weights.
+3. bytes on disk per elite (its genome in the run's state file) against a full copy of the model's weights;
+4. the same generations with children scored by 2 pool workers and by 2 Ray actors (1 torch thread each)
+   against the local executor: wall time per generation as a ratio, and whether the archive is the same.
 
 Needs the demo's bootstrap models (`make demo`, or `cycleqd-evolve bootstrap`). Prints a table and writes
 benchmarks/results/bench_evolve.json.
@@ -24,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from evolve.run import STATE_FILE, Evolution, EvolveConfig
+from evolve.run import STATE_FILE, Evolution, EvolveConfig, archive_ids, genomes_equal
 
 
 def main() -> None:
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--models", type=Path, default=Path(".cache/demo/models"))
     ap.add_argument("--generations", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=50, help="materialisations timed for the throughput ratio")
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_evolve.json")
     args = ap.parse_args()
     console = Console()
@@ -67,6 +70,17 @@ def main() -> None:
         n_genomes = len(ev.state.genomes)
         model_bytes = (args.models / "base" / "model.safetensors").stat().st_size
 
+        executors = {"local": per_gen["total (wall)"]}
+        same = {}
+        for kind in ("pool", "ray"):
+            other = Evolution(Path(tmp) / kind, cfg.model_copy(update={"executor": kind, "workers": args.workers}))
+            ex = other.executor()
+            ex.score_many([other.state.genomes[f"expert:{s}"] for s in cfg.skills][: args.workers] * 2)  # start-up
+            t0 = time.perf_counter()
+            other.run()
+            executors[f"{kind} x{args.workers}"] = (time.perf_counter() - t0) / args.generations
+            same[kind] = archive_ids(other.state) == archive_ids(ev.state) and genomes_equal(other.state, ev.state)
+
     title = f"CycleQD per generation ({cfg.children_per_generation} children, {cfg.validation_items} items/skill)"
     table = Table(title=title)
     table.add_column("phase")
@@ -86,6 +100,12 @@ def main() -> None:
     t2.add_row("full model weights bytes", f"{model_bytes:,}")
     t2.add_row("full copy / genome", f"{model_bytes / genome_bytes:.1f}x")
     console.print(t2)
+    t3 = Table(title="where children are scored (wall seconds per generation)")
+    for c in ("executor", "s / generation", "speed-up vs local", "same archive as local"):
+        t3.add_column(c, justify="right")
+    for k, v in executors.items():
+        t3.add_row(k, f"{v:.3f}", f"{executors['local'] / v:.2f}x", "" if k == "local" else str(same[k.split()[0]]))
+    console.print(t3)
     result = {
         "benchmark": "evolve",
         "machine": {"threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
@@ -100,6 +120,8 @@ def main() -> None:
         "state_bytes_per_genome": state_bytes / n_genomes,
         "full_model_bytes": model_bytes,
         "full_over_genome": model_bytes / genome_bytes,
+        "executors_seconds_per_generation": executors,
+        "executors_same_archive": same,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

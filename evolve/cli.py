@@ -95,12 +95,17 @@ def run(
         Path | None, typer.Option(help="YAML file overriding the defaults (see evolve/run.py EvolveConfig)")
     ] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out exactly where it stopped")] = False,
+    executor: Annotated[
+        str | None, typer.Option(help="local | pool | ray: where children are scored (same results with any)")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="worker processes / Ray actors")] = None,
 ) -> None:
     """Run CycleQD: one archive per skill, cycling the quality skill, children made by merging and SVD
     mutation of their parents' genomes. The run directory is saved atomically after every generation."""
+    from pydantic import ValidationError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evolve.config import load_yaml_model
+    from evolve.config import ConfigError, load_yaml_model
     from evolve.run import Evolution, EvolveConfig, load_run_config
 
     with user_errors():
@@ -108,6 +113,12 @@ def run(
             cfg = load_run_config(out)
         else:
             cfg = load_yaml_model(config, EvolveConfig) if config else EvolveConfig()
+        overrides = {k: v for k, v in (("executor", executor), ("workers", workers)) if v is not None}
+        if overrides:
+            try:
+                cfg = EvolveConfig.model_validate({**cfg.model_dump(), **overrides})
+            except ValidationError as exc:
+                raise ConfigError(f"--executor/--workers: {exc.errors()[0]['msg']}") from exc
         with console.status("setting up: SVD bases, scoring the experts"):
             ev = Evolution(out, cfg, resume=resume)
 
@@ -197,12 +208,15 @@ def export_lora(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="one or more run directories (e.g. one per seed)")],
     out: Annotated[Path | None, typer.Option(help="also write OUT.json and OUT.md")] = None,
+    all_elites: Annotated[
+        bool, typer.Option(help="also score every elite on test and store the scores in the run directory")
+    ] = True,
 ) -> None:
     """Print (and save) the results table on the test split: base, experts, multi-task, merges, CycleQD."""
     from evolve.report import report as make_report
 
     with user_errors():
-        make_report(runs, console, out)
+        make_report(runs, console, out, all_elites=all_elites)
 
 
 def main() -> None:

@@ -19,13 +19,18 @@ from rich.table import Table
 from evolve.atomic import write_json_atomic
 from evolve.merge import dare, ties
 from evolve.models.modeling import load_model
-from evolve.run import Evolution, load_run_config
+from evolve.run import STATE_FILE, Evolution, load_run_config
 
 REPORT_FILE = "report.json"
 
 
-def score_run(run_dir: Path, console: Console) -> dict[str, dict[str, float]]:
-    """Test scores of every row for one run directory; also written to ``<run>/report.json``."""
+def score_run(run_dir: Path, console: Console, *, all_elites: bool = True) -> dict[str, dict[str, float]]:
+    """Test scores of every row for one run directory; also written to ``<run>/report.json``.
+
+    With ``all_elites``, every elite in the archives is scored on test too, and its scores are stored with it in
+    the run directory (``elites[id]["test"]`` in state.safetensors, saved atomically), where ``cycleqd-serve``
+    picks them up for the serving manifest.
+    """
     ev = Evolution(run_dir, load_run_config(run_dir), resume=True)
     cfg, layout = ev.config, ev.bases.layout
     rows: dict[str, dict[str, float]] = {}
@@ -52,6 +57,13 @@ def score_run(run_dir: Path, console: Console) -> dict[str, dict[str, float]]:
         rows["DARE"] = weights(dare(ev.bases.base, experts, seed=cfg.seed))
         status.update("CycleQD")
         rows.update(score_cycleqd(ev))
+        if all_elites:
+            ids = sorted(ev.state.genomes)
+            for n, eid in enumerate(ids, 1):
+                status.update(f"every elite on test: {n}/{len(ids)}")
+                known = rows.get(eid) or (rows["CycleQD best elite"] if eid == ev.best_mean_elite() else None)
+                ev.state.elites[eid]["test"] = dict(known) if known else ev.score(ev.state.genomes[eid], "test")
+            ev.state.save(Path(run_dir) / STATE_FILE)
     for r in rows.values():
         r["mean"] = sum(r[s] for s in cfg.skills) / len(cfg.skills)
     report = {
@@ -107,8 +119,10 @@ def to_markdown(table_data: dict[str, dict[str, tuple[float, float]]], n_runs: i
     return "\n".join(lines) + "\n"
 
 
-def report(run_dirs: Sequence[Path], console: Console, out: Path | None = None) -> dict[str, Any]:
-    runs = [score_run(Path(d), console) for d in run_dirs]
+def report(
+    run_dirs: Sequence[Path], console: Console, out: Path | None = None, *, all_elites: bool = True
+) -> dict[str, Any]:
+    runs = [score_run(Path(d), console, all_elites=all_elites) for d in run_dirs]
     combined = combine(runs)
     console.print(render(combined, len(runs)))
     result = {"runs": [str(d) for d in run_dirs], "rows": combined}

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from evolve.archive import SkillArchive, default_ranges
 from evolve.engines.hf import TransformersEngine
+from evolve.executors import Executor, LocalExecutor, WorkerSpec, make_executor
 from evolve.genome import Bases
 from evolve.models.modeling import load_model
 from evolve.operators import CrossoverConfig, MutationConfig, SamplingConfig, crossover, mutate, sample_parents
@@ -72,6 +73,12 @@ class EvolveConfig(BaseModel):
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="vllm: one in-process vLLM engine, weights updated in place per child"
     )
+    executor: Literal["local", "pool", "ray"] = Field(
+        "local", description="where children are scored: this process, a pool of processes, or Ray actors"
+    )
+    workers: int = Field(2, ge=1, description="worker processes or actors for executor pool / ray")
+    worker_threads: int = Field(1, ge=1, description="torch threads per worker")
+    ray_address: str | None = Field(None, description="a Ray cluster to join (executor: ray); default: start one")
     crossover: CrossoverConfig = Field(default_factory=CrossoverConfig)
     mutation: MutationConfig = Field(default_factory=MutationConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -80,9 +87,19 @@ class EvolveConfig(BaseModel):
     def _check(self) -> EvolveConfig:
         for s in self.skills:
             get_skill(s)
+        if self.engine == "vllm" and self.executor != "local":
+            raise ValueError("engine vllm runs in this process; use executor: local with it")
         if self.fixed_quality is not None and self.fixed_quality not in self.skills:
             raise ValueError(f"fixed_quality {self.fixed_quality!r} is not one of skills {self.skills}")
         return self
+
+
+#: Settings that decide where work runs, not what it computes: a run may resume with other values.
+EXECUTION_FIELDS = {"executor", "workers", "worker_threads", "ray_address"}
+
+
+def same_run(a: EvolveConfig, b: EvolveConfig) -> bool:
+    return a.model_dump(exclude=EXECUTION_FIELDS) == b.model_dump(exclude=EXECUTION_FIELDS)
 
 
 class RunState:
@@ -160,7 +177,7 @@ class Evolution:
                 raise RunError(f"{run_file}: missing; there is no run to resume in {self.dir}")
             # Compared as validated configs, so a run from an older release (without a newly added, defaulted
             # setting) still resumes.
-            if EvolveConfig.model_validate(_read_run_file(run_file)) != config:
+            if not same_run(EvolveConfig.model_validate(_read_run_file(run_file)), config):
                 raise RunError(f"{run_file}: the saved config differs from the one given; resume without --config")
         elif self.dir.exists() and any(self.dir.iterdir()):
             raise RunError(f"{self.dir}: not empty; pass --resume to continue the run there, or choose another --out")
@@ -174,6 +191,7 @@ class Evolution:
             self.engine = TransformersEngine(base_model, self.tokenizer)
         #: Seconds spent per phase (sampling, crossover, mutation, materialisation, evaluation, saving).
         self.timings: defaultdict[str, float] = defaultdict(float)
+        self._executor: Executor | None = None
         if resume and (self.dir / STATE_FILE).exists():
             self.bases = Bases.load(self.dir / "svd")
             self.state = RunState.load(self.dir / STATE_FILE)
@@ -258,7 +276,13 @@ class Evolution:
                 "mutation": cfg.mutation.kind,
             }
             children.append((f"g{t:05d}c{c:02d}", genome, lineage))
-        scored = [(cid, genome, lineage, self.score(genome)) for cid, genome, lineage in children]
+        executor = self.executor()
+        if isinstance(executor, LocalExecutor):
+            results = executor.score_many([g for _, g, _ in children])
+        else:
+            with self._timed("evaluation"):  # materialisation happens inside the workers
+                results = executor.score_many([g for _, g, _ in children])
+        scored = [(cid, genome, lineage, sc) for (cid, genome, lineage), sc in zip(children, results, strict=True)]
         added = 0
         for cid, genome, lineage, scores in scored:
             entered = [s for s, a in st.archives.items() if a.add([cid], [scores])[0]]
@@ -276,11 +300,36 @@ class Evolution:
             st.save(self.dir / STATE_FILE)
         return {"generation": t, "quality": q, "added": added}
 
+    def executor(self) -> Executor:
+        if self._executor is None:
+            cfg = self.config
+            spec = WorkerSpec(
+                base_model=cfg.models / "base",
+                svd_dir=self.dir / "svd",
+                skills=tuple(cfg.skills),
+                validation_items=cfg.validation_items,
+                seed=cfg.seed,
+                threads=cfg.worker_threads,
+            )
+            self._executor = make_executor(
+                cfg.executor, spec, workers=cfg.workers, local=self.score, ray_address=cfg.ray_address
+            )
+        return self._executor
+
+    def close(self) -> None:
+        """Stop the workers (a later step starts them again)."""
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+
     def run(self, on_generation: Callable[[dict[str, Any]], None] | None = None) -> None:
-        while self.state.generation < self.config.generations:
-            summary = self.step()
-            if on_generation:
-                on_generation(summary)
+        try:
+            while self.state.generation < self.config.generations:
+                summary = self.step()
+                if on_generation:
+                    on_generation(summary)
+        finally:
+            self.close()
 
     # -- final models ----------------------------------------------------------------------------------------
     def best_mean_elite(self) -> str:

@@ -101,6 +101,16 @@ def test_report_table_on_test(tmp_path, mini_models):
     assert (tmp_path / "table.md").read_text().startswith("| model |")
     saved = json.loads((tmp_path / "r" / "report.json").read_text())
     assert saved["split"] == "test" and saved["generations"] == 3
+    # every elite's test scores are stored in the run directory, and are the scores of its genome
+    state = RunState.load(tmp_path / "r" / "state.safetensors")
+    assert all(set(e["test"]) == {"code", "os", "db"} for e in state.elites.values())
+    assert state.elites["expert:os"]["test"] == pytest.approx(
+        {k: m for k, (m, _) in rows["expert:os"].items() if k != "mean"}
+    )
+    child = next((e for e in sorted(state.genomes) if not e.startswith("expert:")), "expert:db")
+    again = Evolution(tmp_path / "r", mini_evolve_config(mini_models, generations=3), resume=True)
+    assert again.score(state.genomes[child], "test") == state.elites[child]["test"]
+    assert again.state.elites[child]["validation"] == state.elites[child]["validation"]
 
 
 def test_existing_directory_needs_resume(tmp_path, mini_models):

@@ -1,0 +1,146 @@
+"""Where children are scored: in this process, in a pool of worker processes, or on Ray actors.
+
+Every executor answers ``score_many(genomes) -> [scores]`` in the order given. A generation makes all its
+children before any is scored and inserts them in order afterwards, so scoring them concurrently changes nothing
+in the result: a run gives the same archive with any executor and any number of workers (tested). Each worker
+holds its own engine (the ``transformers`` engine, ``worker_threads`` torch threads) built from the run's base
+model and SVD bases; on a GPU cluster that is one worker per GPU, as in the paper's setup. This is
+generation-synchronous, not the paper's steady-state asynchronous loop, because the run must stay deterministic.
+
+- ``local`` (default): the run's own engine, one child after another;
+- ``pool``: ``workers`` processes on this machine (``concurrent.futures``, spawned);
+- ``ray``: ``workers`` Ray actors, on a local Ray instance or the cluster at ``ray_address``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class Executor(Protocol):
+    def score_many(self, genomes: Sequence[torch.Tensor]) -> list[dict[str, float]]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build its engine and score like the run does."""
+
+    base_model: Path
+    svd_dir: Path
+    skills: tuple[str, ...]
+    validation_items: int
+    seed: int
+    threads: int
+
+
+class LocalExecutor:
+    def __init__(self, score: Callable[[torch.Tensor], dict[str, float]]) -> None:
+        self._score = score
+
+    def score_many(self, genomes: Sequence[torch.Tensor]) -> list[dict[str, float]]:
+        return [self._score(g) for g in genomes]
+
+    def close(self) -> None:
+        pass
+
+
+class Worker:
+    """One engine scoring genomes on the validation split (used by both the pool and Ray)."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        from evolve.engines.hf import TransformersEngine
+        from evolve.genome import Bases
+        from evolve.skills import get_skill
+
+        torch.set_num_threads(spec.threads)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.spec = spec
+        self.engine = TransformersEngine.from_pretrained(spec.base_model)
+        self.bases = Bases.load(spec.svd_dir)
+        self.tasks = {s: get_skill(s) for s in spec.skills}
+
+    def score(self, genome: torch.Tensor) -> dict[str, float]:
+        self.engine.load_genome(self.bases, genome)
+        n, seed = self.spec.validation_items, self.spec.seed
+        return {s: t.evaluate(self.engine, "validation", n, seed=seed).quality for s, t in self.tasks.items()}
+
+
+_worker: Worker | None = None
+
+
+def _init_worker(spec: WorkerSpec) -> None:
+    global _worker
+    _worker = Worker(spec)
+
+
+def _score_in_worker(genome: torch.Tensor) -> dict[str, float]:
+    assert _worker is not None, "pool worker not initialised"
+    return _worker.score(genome)
+
+
+class PoolExecutor:
+    def __init__(self, spec: WorkerSpec, workers: int) -> None:
+        self.pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(spec,)
+        )
+
+    def score_many(self, genomes: Sequence[torch.Tensor]) -> list[dict[str, float]]:
+        return list(self.pool.map(_score_in_worker, [g.contiguous() for g in genomes]))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RayExecutor:
+    def __init__(self, spec: WorkerSpec, workers: int, address: str | None = None) -> None:
+        try:
+            import ray
+        except ImportError as exc:
+            raise RuntimeError("executor: ray needs Ray: pip install 'cycleqd-serve[ray]'") from exc
+        self.ray = ray
+        self._owns = not ray.is_initialized()
+        if self._owns:
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=max(workers * spec.threads, 1), **kwargs)
+        actor = ray.remote(num_cpus=spec.threads)(Worker)
+        self.actors = [actor.remote(spec) for _ in range(workers)]
+
+    def score_many(self, genomes: Sequence[torch.Tensor]) -> list[dict[str, float]]:
+        refs = [self.actors[i % len(self.actors)].score.remote(g) for i, g in enumerate(genomes)]
+        return list(self.ray.get(refs))
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        if self._owns:
+            self.ray.shutdown()
+
+
+def make_executor(
+    kind: str,
+    spec: WorkerSpec,
+    *,
+    workers: int,
+    local: Callable[[torch.Tensor], dict[str, float]],
+    ray_address: str | None,
+) -> Executor:
+    if kind == "local" or workers < 1:
+        return LocalExecutor(local)
+    if kind == "pool":
+        return PoolExecutor(spec, workers)
+    if kind == "ray":
+        return RayExecutor(spec, workers, ray_address)
+    raise ValueError(f"unknown executor {kind!r}; choose local, pool or ray")

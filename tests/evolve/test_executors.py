@@ -1,0 +1,47 @@
+"""Children scored by a pool of worker processes or by Ray actors give exactly the archive of the local executor."""
+
+from __future__ import annotations
+
+import pytest
+
+from evolve.run import Evolution, RunError, archive_ids, genomes_equal
+from tests.evolve.minis import mini_evolve_config
+
+
+def _run(path, models, **kw):
+    ev = Evolution(path, mini_evolve_config(models, generations=3, **kw))
+    ev.run()
+    return ev.state
+
+
+@pytest.fixture(scope="module")
+def local_state(mini_models, tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("local") / "run", mini_models)
+
+
+def test_pool_workers_give_the_local_archive(tmp_path, mini_models, local_state):
+    pooled = _run(tmp_path / "run", mini_models, executor="pool", workers=2)
+    assert archive_ids(pooled) == archive_ids(local_state)
+    assert genomes_equal(pooled, local_state) and pooled.elites == local_state.elites
+
+
+@pytest.mark.slow
+def test_ray_actors_give_the_local_archive(tmp_path, mini_models, local_state):
+    pytest.importorskip("ray", reason="part of the dev extra")
+    on_ray = _run(tmp_path / "run", mini_models, executor="ray", workers=2)
+    assert archive_ids(on_ray) == archive_ids(local_state)
+    assert genomes_equal(on_ray, local_state) and on_ray.elites == local_state.elites
+
+
+def test_a_run_resumes_under_another_executor_but_not_another_config(tmp_path, mini_models):
+    ev = Evolution(tmp_path / "run", mini_evolve_config(mini_models, generations=1))
+    ev.run()
+    resumed = Evolution(tmp_path / "run", mini_evolve_config(mini_models, generations=1, executor="pool"), resume=True)
+    assert resumed.state.generation == 1
+    with pytest.raises(RunError, match="differs"):
+        Evolution(tmp_path / "run", mini_evolve_config(mini_models, generations=1, seed=5), resume=True)
+
+
+def test_the_vllm_engine_cannot_be_farmed_out(mini_models):
+    with pytest.raises(ValueError, match="executor: local"):
+        mini_evolve_config(mini_models, engine="vllm", executor="pool")
