@@ -15,10 +15,11 @@ the router can import it without importing serve/, vLLM or torch (this module ne
                    "endpoint": "http://127.0.0.1:8100/v1", "kind": "lora", "lora_rank": 96,
                    "scores": {"code": 0.89, ...},          # validation scores from the archive
                    "served_scores": {"code": 0.88, ...},   # the served weights' validation scores (LoRA truncation)
-                   "test_scores": {...} | null, "lineage": {...}, "selected_by": ["best:code"]}]
+                   "test_scores": {...} | null, "lineage": {...}, "selected_by": ["best:code"],
+                   "health": "ready"}]
     }
 
-An elite's health is its engine's.
+An elite's health is its engine's (copied into each elite entry at every write, for readers' convenience).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class EliteEntry(BaseModel):
     test_scores: dict[str, float] | None = None
     lineage: dict[str, Any] = Field(default_factory=dict)
     selected_by: list[str] = Field(default_factory=list)
+    health: Health = Field(Health.STARTING, description="its engine's health, copied at every write")
 
     def routing_scores(self) -> dict[str, float]:
         """What the router should weigh: the served weights' scores when measured, else the archive's."""

@@ -33,7 +33,8 @@ from prometheus_client import Counter as PCounter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from evolve.configfile import ConfigError, load_yaml_model
-from evolve.manifest import EliteEntry, Health, ManifestError, ServingManifest, load_manifest
+from evolve.manifest import EliteEntry, Health, ServingManifest
+from router.manifests import ManifestSet
 from router.policy import RoutingPolicy
 from router.selection import Breaker, normalise, parse_weights, rank
 
@@ -122,8 +123,7 @@ class Router:
         self.metrics = Metrics()
         self.classifier = classifier  # (encoder, SkillClassifier) or None: built at start-up
         self.classifier_report: dict[str, float] = {}
-        self.manifest: ServingManifest | None = None
-        self._manifest_mtime = 0.0
+        self.manifests = ManifestSet(policy.manifests)
         self._manifest_checked = 0.0
         self.breakers: dict[str, Breaker] = {}
         self.inflight: Counter[str] = Counter()
@@ -131,21 +131,17 @@ class Router:
         self.client: httpx.AsyncClient | None = None
 
     # -- state -----------------------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> ServingManifest | None:
+        return self.manifests.merged
+
     def refresh_manifest(self, force: bool = False) -> None:
+        """Re-read changed manifest files (at most once a second unless forced; URLs only when forced)."""
         now = time.monotonic()
         if not force and now - self._manifest_checked < 1.0:
             return
         self._manifest_checked = now
-        try:
-            mtime = os.stat(self.policy.manifest).st_mtime
-        except OSError:
-            return
-        if mtime != self._manifest_mtime:
-            try:
-                self.manifest = load_manifest(self.policy.manifest)
-                self._manifest_mtime = mtime
-            except ManifestError as exc:  # keep routing with the last good manifest
-                log.warning("manifest not reloaded: %s", exc)
+        self.manifests.refresh(urls=force)
 
     def build_classifier(self) -> None:
         from router.classifier import MiniLM, build_classifier
@@ -167,8 +163,8 @@ class Router:
         old = self.policy
         self.policy = new
         self.limiter = TokenBucket(new.rate_limit_per_minute) if new.rate_limit_per_minute else None
-        if new.manifest != old.manifest:
-            self._manifest_mtime = 0.0
+        if new.manifests != old.manifests:
+            self.manifests = ManifestSet(new.manifests)
             self.refresh_manifest(force=True)
         if new.classifier != old.classifier:
             self.build_classifier()
@@ -197,16 +193,17 @@ class Router:
         """Ordered candidates, the skill weights and the reason."""
         pol, m = self.policy, self.manifest
         if m is None:
-            raise APIError(503, f"no serving manifest at {pol.manifest} yet; is cycleqd-serve running?", "no_manifest")
+            where = ", ".join(pol.manifests)
+            raise APIError(503, f"no serving manifest at {where} yet; is cycleqd-serve running?", "no_manifest")
         model = body["model"]
-        by_id = {e.id: e for e in m.elites}
-        if model in by_id:
-            elite = by_id[model]
-            if not self.healthy(elite):
+        same = [e for e in m.elites if e.id == model]  # one per manifest that serves it
+        if same:
+            live = sorted((e for e in same if self.healthy(e)), key=lambda e: self.inflight[e.engine_id])
+            if not live:
                 raise APIError(503, f"elite {model!r} is not healthy right now; retry later or use model 'auto'")
-            return [elite], {k: 1.0 / len(m.skills) for k in m.skills}, "pinned"
+            return live, {k: 1.0 / len(m.skills) for k in m.skills}, "pinned"
         if model not in pol.aliases:
-            names = ", ".join([*pol.aliases, *by_id][:12])
+            names = ", ".join(list(dict.fromkeys([*pol.aliases, *(e.id for e in m.elites)]))[:12])
             raise APIError(
                 404,
                 f"the model {model!r} does not exist; use an alias or an elite id: {names}",
@@ -350,7 +347,16 @@ def create_app(router: Router) -> FastAPI:
             await asyncio.to_thread(router.build_classifier)
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread: no SIGHUP
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _sighup)
+
+        async def poll_manifests() -> None:  # URL sources are fetched here, off the request path
+            while True:
+                await asyncio.sleep(1.0)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(router.refresh_manifest, True)
+
+        poller = asyncio.create_task(poll_manifests())
         yield
+        poller.cancel()
         await router.client.aclose()
 
     def _sighup() -> None:
@@ -528,14 +534,23 @@ def create_app(router: Router) -> FastAPI:
         m = router.manifest
         data: list[dict[str, Any]] = []
         if m is not None:
-            for e in m.elites:
-                data.append({
+            seen: dict[str, dict[str, Any]] = {}
+            for e in m.elites:  # an elite served from several manifests is listed once
+                health = m.health_of(e).value
+                if e.id in seen:
+                    if health == Health.READY.value:
+                        seen[e.id]["cycleqd"]["health"] = health
+                    seen[e.id]["cycleqd"]["engines"].append(e.engine_id)
+                    continue
+                seen[e.id] = {
                     "id": e.id, "object": "model", "created": int(m.updated_at), "owned_by": "cycleqd",
                     "cycleqd": {
                         "kind": "elite", "scores": e.routing_scores(), "archive_scores": e.scores,
-                        "lineage": e.lineage, "health": m.health_of(e).value, "engine": e.engine_id,
+                        "test_scores": e.test_scores, "lineage": e.lineage, "health": health,
+                        "engines": [e.engine_id],
                     },
-                })  # fmt: skip
+                }  # fmt: skip
+            data += seen.values()
         for name, w in router.policy.aliases.items():
             data.append({
                 "id": name, "object": "model", "created": 0, "owned_by": "cycleqd-router",
@@ -551,7 +566,7 @@ def create_app(router: Router) -> FastAPI:
         body = {
             "status": "ok" if ready else "degraded",
             "healthy_elites": len(ready),
-            "manifest": str(router.policy.manifest),
+            "manifests": router.policy.manifests,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

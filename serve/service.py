@@ -56,8 +56,8 @@ def preflight(prep: Prepared) -> None:
                 f"port {ep.port} on {cfg.host} is in use (planned for {ep.id}); stop what holds it or set `port:` "
                 f"in the config (engines use {cfg.port}..{last})"
             )
-    if port_in_use(cfg.host, cfg.admin_port):
-        raise ServeError(f"admin_port {cfg.admin_port} on {cfg.host} is in use; set `admin_port:` in the config")
+    if port_in_use(cfg.admin_host, cfg.admin_port):
+        raise ServeError(f"admin_port {cfg.admin_port} on {cfg.admin_host} is in use; set `admin_port:` in the config")
 
 
 def build_supervisor(

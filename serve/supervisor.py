@@ -85,9 +85,16 @@ class Engine:
 
     @property
     def url(self) -> str:
+        """The URL clients use (the manifest's)."""
         return f"http://{self._host}:{self.plan.port}"
 
+    @property
+    def local_url(self) -> str:
+        """The URL the supervisor itself uses (health checks, LoRA load/unload)."""
+        return f"http://{self._bind}:{self.plan.port}"
+
     _host: str = "127.0.0.1"
+    _bind: str = "127.0.0.1"
 
     def command(self, cfg: ServeConfig) -> list[str]:
         cmd = [cfg.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model)]
@@ -144,7 +151,7 @@ class Engine:
 
     def answers(self, timeout: float = 2.0) -> bool:
         try:
-            return httpx.get(f"{self.url}/health", timeout=timeout).status_code == 200
+            return httpx.get(f"{self.local_url}/health", timeout=timeout).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -184,7 +191,8 @@ class Supervisor:
         self.cfg = cfg
         self.engines = {e.plan.id: e for e in engines}
         for e in engines:
-            e._host = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104 - a comparison
+            e._bind = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104 - a comparison
+            e._host = cfg.advertise_host or e._bind
             e.log = cfg.out / "logs" / f"{e.plan.id}.log"
         self.manifest = manifest
         self.manifest_path = cfg.out / "manifest.json"
@@ -287,7 +295,7 @@ class Supervisor:
             art = self.materialise_one(elite_id)
             engine = min(lora, key=lambda e: len(e.adapters))
             r = httpx.post(
-                f"{engine.url}/v1/load_lora_adapter",
+                f"{engine.local_url}/v1/load_lora_adapter",
                 json={"lora_name": elite_id, "lora_path": str(art.path.resolve())},
                 timeout=120,
             )
@@ -308,7 +316,7 @@ class Supervisor:
             engine = self.engines[entry.engine_id]
             if engine.plan.mode != "lora":
                 raise ServeError(f"elite {elite_id!r} has its own full-weight engine; removing it needs a restart")
-            r = httpx.post(f"{engine.url}/v1/unload_lora_adapter", json={"lora_name": elite_id}, timeout=60)
+            r = httpx.post(f"{engine.local_url}/v1/unload_lora_adapter", json={"lora_name": elite_id}, timeout=60)
             if r.status_code != 200:
                 raise ServeError(
                     f"{engine.plan.id} refused to unload {elite_id!r}: HTTP {r.status_code} {r.text[:300]}"
@@ -335,6 +343,8 @@ class Supervisor:
                 )
                 for e in self.engines.values()
             ]
+            for elite in self.manifest.elites:
+                elite.health = self.manifest.health_of(elite)
             save_manifest(self.manifest_path, self.manifest)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
 from evolve.run import Evolution, RunError, archive_ids, genomes_equal
@@ -45,3 +49,24 @@ def test_a_run_resumes_under_another_executor_but_not_another_config(tmp_path, m
 def test_the_vllm_engine_cannot_be_farmed_out(mini_models):
     with pytest.raises(ValueError, match="executor: local"):
         mini_evolve_config(mini_models, engine="vllm", executor="pool")
+
+
+@pytest.mark.slow
+def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_state):
+    """The cluster path (``ray_address``), against a real Ray head started with `ray start` on this machine."""
+    import shutil
+    import subprocess
+
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"))
+    port = "6391"
+    started = subprocess.run(
+        [ray_bin, "start", "--head", "--num-cpus", "2", "--port", port, "--include-dashboard", "false", "--disable-usage-stats"],
+        capture_output=True, text=True, env=env, timeout=180,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        on_cluster = _run(tmp_path / "run", mini_models, executor="ray", workers=2, ray_address=f"127.0.0.1:{port}")
+        assert archive_ids(on_cluster) == archive_ids(local_state) and genomes_equal(on_cluster, local_state)
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)

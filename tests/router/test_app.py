@@ -290,3 +290,59 @@ def test_replicas_do_not_share_state_but_router_objects_are_independent(classifi
     b.refresh_manifest(force=True)
     a.inflight["engine-0"] = 10
     assert b.inflight["engine-0"] == 0 and a.metrics.registry is not b.metrics.registry
+
+
+def test_keys_from_a_file_and_sighup_reload_of_a_running_router(tmp_path, upstreams):
+    """`cycleqd-router serve` as a user runs it: keys read from a file, SIGHUP re-reads the policy."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.router.conftest import free_port
+
+    write_manifest(tmp_path / "manifest.json", upstreams)
+    (tmp_path / "keys").write_text("alpha\nbeta\n")
+    policy = {
+        "manifest": str(tmp_path / "manifest.json"),
+        "api_keys_file": str(tmp_path / "keys"),
+        "classifier": {"exemplars_per_skill": 20},
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router", "serve", "--policy", str(tmp_path / "policy.yaml"), "--port", str(port)]
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "router did not start"
+            time.sleep(0.3)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="beta", max_retries=0)
+        assert chat(c, CODE, model="coder").headers["x-cycleqd-elite"] == "coder"
+        with pytest.raises(openai.AuthenticationError):
+            chat(openai.OpenAI(base_url=f"{url}/v1", api_key="gamma", max_retries=0), CODE)
+        with pytest.raises(openai.NotFoundError):
+            chat(c, CODE, model="python")
+        (tmp_path / "policy.yaml").write_text(yaml.safe_dump({**policy, "aliases": {"python": {"code": 1.0}}}))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                raw = chat(c, CODE, model="python")
+                break
+            except openai.NotFoundError:
+                assert time.monotonic() < deadline, "SIGHUP did not reload the policy"
+                time.sleep(0.2)
+        assert raw.headers["x-cycleqd-reason"] == "alias:python" and proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -125,6 +125,7 @@ def test_multi_lora_engine_serves_adds_restarts_and_stops(tmp_path, mini_run):
     try:
         m = load_manifest(manifest_path)
         assert len(m.engines) == 1 and m.engines[0].health == Health.READY
+        assert all(e.health == Health.READY for e in m.elites)
         assert m.engines[0].url == f"http://127.0.0.1:{cfg['port']}"
         served = {e.id for e in m.elites}
         assert "expert:code" in served and {a.stats.best_id for a in state.archives.values()} <= served
@@ -181,7 +182,7 @@ def test_multi_lora_engine_serves_adds_restarts_and_stops(tmp_path, mini_run):
         output = proc.communicate(timeout=90)[0]
     assert proc.returncode == 0, output[-3000:]
     m = load_manifest(manifest_path)
-    assert all(e.health == Health.STOPPED for e in m.engines)
+    assert all(e.health == Health.STOPPED for e in m.engines) and all(e.health == Health.STOPPED for e in m.elites)
     assert _processes_on(cfg["port"]) == []
     assert (tmp_path / "serve" / "logs" / "engine-0.log").stat().st_size > 0
 
