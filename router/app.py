@@ -485,14 +485,20 @@ def create_app(router: Router) -> FastAPI:
             if stream and resp.status_code == 200:
 
                 async def relay(resp: httpx.Response = resp, engine: str = engine) -> AsyncIterator[bytes]:
-                    chunks = resp.aiter_raw()
+                    loop = asyncio.get_running_loop()
                     try:
-                        while True:
-                            try:
-                                chunk = await asyncio.wait_for(chunks.__anext__(), pol.timeouts.idle_s)
-                            except StopAsyncIteration:
-                                break
-                            yield chunk
+                        # one timer for the whole stream, re-armed per chunk (cheaper than a wait_for per chunk),
+                        # and disarmed while the client consumes a chunk
+                        async with asyncio.timeout(None) as idle:
+                            chunks = resp.aiter_raw()
+                            while True:
+                                idle.reschedule(loop.time() + pol.timeouts.idle_s)
+                                try:
+                                    chunk = await anext(chunks)
+                                except StopAsyncIteration:
+                                    break
+                                idle.reschedule(None)
+                                yield chunk
                     except (httpx.HTTPError, TimeoutError) as exc:
                         kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
                         router.metrics.upstream_errors.labels(engine, f"midstream_{kind}").inc()

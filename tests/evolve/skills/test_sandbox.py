@@ -55,6 +55,27 @@ def listener():
     srv.close()
 
 
+def _parent(pid: str) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return None
+
+
+def _ours_or_orphaned(pid: str) -> bool:
+    """Whether ``pid`` descends from this test process or was orphaned (re-parented to init, as an escaped
+    daemon would be); sandboxes that other processes on the machine run do not count."""
+    me = str(os.getpid())
+    ppid = _parent(pid)
+    if ppid == "1":
+        return True
+    while ppid not in (None, "0", "1"):
+        if ppid == me:
+            return True
+        ppid = _parent(ppid)
+    return False
+
+
 def _workers_alive() -> list[str]:
     alive = []
     for pid in os.listdir("/proc"):
@@ -63,7 +84,7 @@ def _workers_alive() -> list[str]:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if sandbox.WORKER.name.encode() in cmd:
+            if sandbox.WORKER.name.encode() in cmd and _ours_or_orphaned(pid):
                 alive.append(pid)
     return alive
 
