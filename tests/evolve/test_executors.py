@@ -52,16 +52,20 @@ def test_the_vllm_engine_cannot_be_farmed_out(mini_models):
 
 
 @pytest.mark.slow
-def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_state):
+def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_state, monkeypatch):
     """The cluster path (``ray_address``), against a real Ray head started with `ray start` on this machine."""
     import shutil
     import subprocess
+    import tempfile
 
     ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throw-away local cluster
+    short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    env = dict(os.environ, RAY_TMPDIR=short)
     port = "6391"
     started = subprocess.run(
-        [ray_bin, "start", "--head", "--num-cpus", "2", "--port", port, "--include-dashboard", "false", "--disable-usage-stats"],
+        [ray_bin, "start", "--head", "--num-cpus", "2", "--port", port, "--include-dashboard", "false",
+         "--disable-usage-stats", "--temp-dir", short],
         capture_output=True, text=True, env=env, timeout=180,
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
@@ -70,3 +74,4 @@ def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_sta
         assert archive_ids(on_cluster) == archive_ids(local_state) and genomes_equal(on_cluster, local_state)
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(short, ignore_errors=True)

@@ -354,7 +354,9 @@ def test_a_stream_that_stalls_ends_with_an_error_event_after_the_idle_timeout(st
     got = []
     t0 = time.perf_counter()
     with pytest.raises(openai.APIError, match="broke off"):
-        for ch in client(r).chat.completions.create(model="sql", messages=[{"role": "user", "content": SQL}], stream=True):
+        for ch in client(r).chat.completions.create(
+            model="sql", messages=[{"role": "user", "content": SQL}], stream=True
+        ):
             got.append(ch.choices[0].delta.content)
     assert got == ["tok0 "] and time.perf_counter() - t0 < 3.0
     assert 'kind="midstream_timeout"' in httpx.get(f"{r.url}/metrics").text
