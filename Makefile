@@ -40,7 +40,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/cycleqd-evolve bootstrap --out $(DEMO_DIR)/models
 	rm -rf $(DEMO_DIR)/run
-	$(VENV)/bin/cycleqd-evolve run --out $(DEMO_DIR)/run
+	$(VENV)/bin/cycleqd-evolve run --out $(DEMO_DIR)/run --executor pool --workers 2
 	$(VENV)/bin/cycleqd-evolve report $(DEMO_DIR)/run --out $(DEMO_DIR)/results
 	@set -e; \
 	$(VENV)/bin/cycleqd-serve run --config configs/demo-serve.yaml & serve=$$!; \
