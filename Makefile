@@ -43,11 +43,11 @@ demo: $(STAMP)
 	$(VENV)/bin/cycleqd-evolve run --out $(DEMO_DIR)/run --executor pool --workers 2
 	$(VENV)/bin/cycleqd-evolve report $(DEMO_DIR)/run --out $(DEMO_DIR)/results
 	@set -e; \
-	$(VENV)/bin/cycleqd-serve run --config configs/demo-serve.yaml & serve=$$!; \
+	$(VENV)/bin/cycleqd-serve run --config configs/demo-serve.yaml --run $(DEMO_DIR)/run --out $(DEMO_DIR)/serve & serve=$$!; \
 	trap 'kill -TERM $$serve $$router 2>/dev/null; wait' EXIT; \
-	$(VENV)/bin/cycleqd-serve wait --config configs/demo-serve.yaml --timeout 300; \
-	$(VENV)/bin/cycleqd-serve status --config configs/demo-serve.yaml; \
-	$(VENV)/bin/cycleqd-router serve --policy configs/demo-routing.yaml --port 8000 & router=$$!; \
+	$(VENV)/bin/cycleqd-serve wait --config configs/demo-serve.yaml --out $(DEMO_DIR)/serve --timeout 300; \
+	$(VENV)/bin/cycleqd-serve status --config configs/demo-serve.yaml --out $(DEMO_DIR)/serve; \
+	$(VENV)/bin/cycleqd-router serve --policy configs/demo-routing.yaml --manifest $(DEMO_DIR)/serve/manifest.json --port 8000 & router=$$!; \
 	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8000/health && break; sleep 1; done; \
 	$(VENV)/bin/cycleqd-router demo --url http://127.0.0.1:8000/v1 --per-skill 4
 

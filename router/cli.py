@@ -40,6 +40,9 @@ def serve(
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
+    manifest: Annotated[
+        list[str] | None, typer.Option(help="serving manifest file or URL (repeatable); overrides the policy's")
+    ] = None,
 ) -> None:
     """Run the gateway. SIGHUP or POST /admin/reload (admin key) reloads the policy file."""
     import uvicorn
@@ -47,8 +50,10 @@ def serve(
     from router.app import Router, create_app
 
     pol = load_policy(policy)
+    if manifest:
+        pol = pol.model_copy(update={"manifest": manifest})
     router = Router(pol, policy_path=policy)
-    console.print(f"cycleqd-router on http://{host}:{port}/v1, manifest {pol.manifest}")
+    console.print(f"cycleqd-router on http://{host}:{port}/v1, manifest {', '.join(pol.manifests)}")
     uvicorn.run(create_app(router), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
 
 
