@@ -64,9 +64,11 @@ def check_vllm(python: str) -> None:
         )
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in the child (no dlopen between fork and exec)
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass

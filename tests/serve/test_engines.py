@@ -208,3 +208,16 @@ def test_full_weight_engine_serves_its_elite_exactly(tmp_path, mini_run):
         proc.communicate(timeout=90)
     assert proc.returncode == 0
     assert _processes_on(cfg["port"]) == []
+
+
+def test_a_killed_supervisor_takes_its_engines_with_it(tmp_path, mini_run):
+    """Even SIGKILL of the supervisor (no chance to clean up) leaves no engine behind: PR_SET_PDEATHSIG."""
+    _, state, _ = load_run(mini_run)
+    best = state.archives["db"].stats.best_id
+    proc, _, cfg = _start(
+        tmp_path, mini_run, mode="full", select={"ids": [best], "best_per_skill": False}, measure_truncation=False
+    )
+    assert _processes_on(cfg["port"]) != []
+    proc.kill()
+    proc.wait(10)
+    _wait_for(lambda: _processes_on(cfg["port"]) == [], 90)
