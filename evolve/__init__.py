@@ -1,1 +1,1 @@
-"""Offline side: the embedded skill world, model bootstrap, and (next) CycleQD over genomes."""
+"""Offline side: the embedded skill world, model bootstrap and CycleQD over genomes (the run directory)."""

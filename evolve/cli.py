@@ -1,4 +1,4 @@
-"""``cycleqd-evolve``: the offline side of the system (bootstrap the embedded default; CycleQD runs come next)."""
+"""``cycleqd-evolve``: the offline side of the system: bootstrap the embedded default, run CycleQD, report, ablate."""
 
 from __future__ import annotations
 

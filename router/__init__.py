@@ -1,1 +1,1 @@
-"""OpenAI-compatible gateway that routes each agent task to the best elite (not implemented yet)."""
+"""router/: the OpenAI-compatible gateway that sends each agent task to the best served elite."""

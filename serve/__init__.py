@@ -1,1 +1,1 @@
-"""Put chosen elites on vLLM engines and publish a serving manifest (not implemented yet)."""
+"""serve/: turn chosen elites of a CycleQD run into weights, run them on supervised vLLM engines, publish the manifest."""
