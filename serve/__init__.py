@@ -1,1 +1,1 @@
-"""serve/: turn chosen elites of a CycleQD run into weights, run them on supervised vLLM engines, publish the manifest."""
+"""serve/: chosen elites of a CycleQD run as weights, on supervised vLLM engines, with the serving manifest."""
