@@ -451,7 +451,6 @@ def create_app(router: Router) -> FastAPI:
                 "x-cycleqd-engine": engine,
             }
             router.inflight[engine] += 1
-            released = False
             try:
                 req = router.client.build_request(
                     "POST", url, content=payload, headers={"content-type": "application/json"}
@@ -510,7 +509,6 @@ def create_app(router: Router) -> FastAPI:
                         await resp.aclose()
                         router.inflight[engine] -= 1
 
-                released = True
                 return StreamingResponse(relay(), status_code=200, media_type=ctype, headers=headers)
             try:
                 content = await asyncio.wait_for(resp.aread(), pol.timeouts.first_byte_s)
@@ -519,9 +517,8 @@ def create_app(router: Router) -> FastAPI:
                 router.breaker(engine).record(False)
                 raise APIError(502, f"elite {elite.id}: the upstream response broke off", "upstream_error") from exc
             finally:
-                if not released:
-                    await resp.aclose()
-                    router.inflight[engine] -= 1
+                await resp.aclose()
+                router.inflight[engine] -= 1
             return Response(content, status_code=resp.status_code, media_type=ctype, headers=headers)
         raise APIError(502, f"every upstream tried failed ({last_error})", "upstream_error")
 

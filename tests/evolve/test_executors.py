@@ -52,16 +52,20 @@ def test_the_vllm_engine_cannot_be_farmed_out(mini_models):
 
 
 @pytest.mark.slow
-def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_state, monkeypatch):
-    """The cluster path (``ray_address``), against a real Ray head started with `ray start` on this machine."""
+def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_state):
+    """The cluster path as a user runs it: a Ray head started with `ray start`, then `cycleqd-evolve run` with
+    ``executor: ray`` and ``ray_address`` in its own process; the archive equals the local run's."""
     import shutil
     import subprocess
     import tempfile
 
+    import yaml
+
+    from evolve.run import RunState
+
     ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throw-away local cluster
     short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    env = dict(os.environ, RAY_TMPDIR=short)
+    env = dict(os.environ, RAY_TMPDIR=short, RAY_AUTH_MODE="disabled")  # a throw-away local cluster
     port = "6391"
     started = subprocess.run(
         [ray_bin, "start", "--head", "--num-cpus", "2", "--port", port, "--include-dashboard", "false",
@@ -70,7 +74,14 @@ def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_sta
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     try:
-        on_cluster = _run(tmp_path / "run", mini_models, executor="ray", workers=2, ray_address=f"127.0.0.1:{port}")
+        cfg = mini_evolve_config(mini_models, generations=3, executor="ray", workers=2, ray_address=f"127.0.0.1:{port}")
+        (tmp_path / "evolve.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        out = subprocess.run(
+            [sys.executable, "-m", "evolve", "run", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "evolve.yaml")],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        on_cluster = RunState.load(tmp_path / "run" / "state.safetensors")
         assert archive_ids(on_cluster) == archive_ids(local_state) and genomes_equal(on_cluster, local_state)
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
