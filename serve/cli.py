@@ -101,6 +101,30 @@ def plan(config: ConfigOpt = None, run: RunOpt = None, out: OutOpt = None) -> No
     console.print(_plan_table(prep))
 
 
+@app.command()
+def materialise(config: ConfigOpt = None, run: RunOpt = None, out: OutOpt = None) -> None:
+    """Write the selected elites' adapters (or full models) and print what each adapter's truncation costs."""
+    from serve.materialise import materialise as write_all
+    from serve.service import prepare
+
+    with user_errors():
+        prep = prepare(load_config(config, run, out))
+        with console.status("materialising and scoring on validation"):
+            arts = write_all(prep.cfg, prep.run_config, prep.bases, prep.selected)
+    skills = prep.run_config.skills
+    t = Table(title=f"{len(arts)} elites written under {prep.cfg.out} ({prep.cfg.mode})")
+    for c in ("elite", "rank", "weight-space loss", *(f"{s}: archive -> served" for s in skills)):
+        t.add_column(c)
+    for a in arts:
+        served = a.served_scores or a.scores
+        cells = [
+            f"{100 * a.scores[s]:.1f} -> {100 * served[s]:.1f} ({100 * (served[s] - a.scores[s]):+.1f})" for s in skills
+        ]
+        loss = f"{100 * a.truncation_error:.1f}%" if a.truncation_error is not None else "exact"
+        t.add_row(a.selected.id, str(a.lora_rank or "full"), loss, *cells)
+    console.print(t)
+
+
 @app.command("run")
 def run_cmd(
     config: ConfigOpt = None,

@@ -22,6 +22,7 @@ def family(tiny_model):
     return base, Bases.compute(base, experts)
 
 
+@pytest.mark.filterwarnings("ignore:Model has .tie_word_embeddings=True.:UserWarning")  # unmerged use only
 def test_peft_loads_the_adapter_and_reproduces_the_genome(tmp_path, family, tiny_model, tiny_tokenizer):
     import copy
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -108,7 +109,8 @@ def test_manifest_round_trip_and_clear_errors(tmp_path):
         load_manifest(tmp_path / "missing.json")
 
 
-def _serve(*args: str, env=None) -> subprocess.CompletedProcess:
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS="200")  # rich tables at full width, so names are not wrapped
     return subprocess.run([sys.executable, "-m", "serve", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -157,3 +159,16 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, mini_run):
 def test_a_missing_run_directory_is_refused(tmp_path):
     out = _serve("plan", "--run", str(tmp_path / "nowhere"))
     assert out.returncode == 2 and "not a CycleQD run directory" in out.stderr
+
+
+def test_materialise_command_writes_adapters_and_reports_their_measured_cost(tmp_path, mini_run):
+    import json
+
+    out = _serve("materialise", "--config", _config(tmp_path, run=str(mini_run), out=str(tmp_path / "s"), lora_rank=2))
+    assert out.returncode == 0, out.stderr
+    _, state, _ = load_run(mini_run)
+    for skill, archive in state.archives.items():
+        eid = archive.stats.best_id
+        adapter = tmp_path / "s" / "adapters" / eid.replace(":", "-")
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 6
+        assert eid in out.stdout and "->" in out.stdout, skill
