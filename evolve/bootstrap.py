@@ -15,7 +15,6 @@ interrupted bootstrap resumes and ``make demo`` reruns in seconds; ``--force`` r
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evolve.atomic import write_json_atomic
+from evolve.atomic import read_versioned_json, write_json_atomic
 from evolve.config import BootstrapConfig
 from evolve.engines.hf import TransformersEngine
 from evolve.merge import average
@@ -66,15 +65,7 @@ def check_output_dir(out: Path) -> None:
         raise BootstrapError(f"{out}: exists and is not a directory; choose another --out")
     report = out / REPORT_FILE
     if report.exists():
-        try:
-            data = json.loads(report.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BootstrapError(f"{report}: corrupt ({exc}); move it away or choose another --out") from exc
-        version = data.get("format_version") if isinstance(data, dict) else None
-        if version != FORMAT_VERSION:
-            raise BootstrapError(
-                f"{report}: field 'format_version' is {version!r}, expected {FORMAT_VERSION}; choose another --out"
-            )
+        read_versioned_json(report, FORMAT_VERSION, BootstrapError, "move it away or choose another --out")
         return
     ours = {"base", "experts", "multitask"}
     foreign = [p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")]

@@ -26,6 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from evolve.atomic import read_versioned_json
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -178,12 +180,7 @@ class Bases:
         path = directory / MANIFEST
         if not path.is_file():
             raise BasisError(f"{path}: missing; {directory} holds no SVD bases")
-        try:
-            manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BasisError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-            raise BasisError(f"{path}: field 'format_version' must be {FORMAT_VERSION}")
+        manifest = read_versioned_json(path, FORMAT_VERSION, BasisError, "the SVD bases must be recomputed")
         tensors = {}
         for name in ["base", *manifest["experts"]]:
             file = directory / f"{name}.safetensors"

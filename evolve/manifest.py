@@ -24,7 +24,6 @@ An elite's health is its engine's (copied into each elite entry at every write, 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from evolve.atomic import read_versioned_json
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -130,15 +131,7 @@ def load_manifest(path: Path) -> ServingManifest:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no serving manifest there; start `cycleqd-serve run` or pass the right path")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: corrupt, not JSON ({exc})") from exc
-    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
-        version = raw.get("format_version") if isinstance(raw, dict) else None
-        raise ManifestError(
-            f"{path}: field 'format_version' is {version!r}, expected {FORMAT_VERSION}; not a CycleQD serving manifest"
-        )
+    raw = read_versioned_json(path, FORMAT_VERSION, ManifestError, "not a CycleQD serving manifest")
     try:
         return ServingManifest.model_validate(raw)
     except ValidationError as exc:

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from evolve.archive import SkillArchive, default_ranges
+from evolve.atomic import read_versioned_json
 from evolve.engines.hf import TransformersEngine
 from evolve.executors import Executor, LocalExecutor, WorkerSpec, make_executor
 from evolve.genome import Bases
@@ -370,14 +371,7 @@ def _mean(scores: dict[str, float]) -> float:
 
 
 def _read_run_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path}: corrupt ({exc}); this run directory cannot be resumed") from exc
-    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
-        version = data.get("format_version") if isinstance(data, dict) else None
-        raise RunError(f"{path}: field 'format_version' is {version!r}, expected {FORMAT_VERSION}; not a CycleQD run")
-    return data["config"]
+    return read_versioned_json(path, FORMAT_VERSION, RunError, "not a usable CycleQD run directory")["config"]
 
 
 def load_run_config(run_dir: Path) -> EvolveConfig:
