@@ -34,7 +34,7 @@ from evolve.merge import average
 from evolve.models.modeling import META_FILE, ModelError, load_model, new_model, read_meta, save_model
 from evolve.models.tokenizer import train_tokenizer
 from evolve.models.train import Example, TrainSpec, encode, train
-from evolve.skills import get_skill
+from evolve.skills import get_skill, score_skills
 from evolve.skills.base import format_prompt
 
 FORMAT_VERSION = 1
@@ -226,10 +226,7 @@ def accuracy_matrix(
         for role, sd in rows.items():
             status.update(f"scoring {role} on the test split")
             engine.load_state_dict({k: sd[k] for k in engine.state_dict()})
-            scores = {
-                s: task.evaluate(engine, "test", config.test_items, seed=config.seed).quality
-                for s, task in skills.items()
-            }
+            scores = score_skills(engine, skills, "test", config.test_items, seed=config.seed)
             scores["mean"] = sum(scores.values()) / len(scores)
             matrix[role] = scores
     return matrix

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import torch
 
+from evolve.skills import get_skill, score_skills
+
 
 class Executor(Protocol):
     def score_many(self, genomes: Sequence[torch.Tensor]) -> list[dict[str, float]]: ...
@@ -60,7 +62,6 @@ class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         from evolve.engines.hf import TransformersEngine
         from evolve.genome import Bases
-        from evolve.skills import get_skill
 
         torch.set_num_threads(spec.threads)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -72,7 +73,7 @@ class Worker:
     def score(self, genome: torch.Tensor) -> dict[str, float]:
         self.engine.load_genome(self.bases, genome)
         n, seed = self.spec.validation_items, self.spec.seed
-        return {s: t.evaluate(self.engine, "validation", n, seed=seed).quality for s, t in self.tasks.items()}
+        return score_skills(self.engine, self.tasks, "validation", n, seed=seed)
 
 
 _worker: Worker | None = None

@@ -20,6 +20,7 @@ from evolve.atomic import write_json_atomic
 from evolve.merge import dare, ties
 from evolve.models.modeling import load_model
 from evolve.run import STATE_FILE, Evolution, load_run_config
+from evolve.skills import score_skills
 
 REPORT_FILE = "report.json"
 
@@ -38,7 +39,7 @@ def score_run(run_dir: Path, console: Console, *, all_elites: bool = True) -> di
     def weights(sd: dict[str, torch.Tensor]) -> dict[str, float]:
         ev.engine.load_state_dict(sd)
         n = cfg.test_items
-        return {s: t.evaluate(ev.engine, "test", n, seed=cfg.seed).quality for s, t in ev.skills.items()}
+        return score_skills(ev.engine, ev.skills, "test", n, seed=cfg.seed)
 
     with console.status(f"scoring {run_dir} on the test split") as status:
         status.update("base")

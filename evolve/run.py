@@ -41,7 +41,7 @@ from evolve.executors import Executor, LocalExecutor, WorkerSpec, make_executor
 from evolve.genome import Bases
 from evolve.models.modeling import load_model
 from evolve.operators import CrossoverConfig, MutationConfig, SamplingConfig, crossover, mutate, sample_parents
-from evolve.skills import get_skill
+from evolve.skills import get_skill, score_skills
 
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
@@ -247,7 +247,7 @@ class Evolution:
             self.engine.load_genome(self.bases, genome)
         n = self.config.validation_items if split == "validation" else self.config.test_items
         with self._timed("evaluation"):
-            return {s: t.evaluate(self.engine, split, n, seed=self.config.seed).quality for s, t in self.skills.items()}  # type: ignore[arg-type]
+            return score_skills(self.engine, self.skills, split, n, seed=self.config.seed)  # type: ignore[arg-type]
 
     def quality_skill(self, generation: int) -> str:
         cfg = self.config

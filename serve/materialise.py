@@ -16,7 +16,7 @@ from evolve.genome import Bases
 from evolve.lora import lora_factors, merged_weights, save_lora
 from evolve.models.modeling import load_model, save_model
 from evolve.run import EvolveConfig
-from evolve.skills import get_skill
+from evolve.skills import get_skill, score_skills
 from serve.config import ServeConfig
 from serve.select import Selected
 
@@ -73,11 +73,11 @@ class Scorer:
         model, tokenizer = load_model(run_config.models / "base")
         self.engine = TransformersEngine(model, tokenizer)
         self.config = run_config
+        self.tasks = {s: get_skill(s) for s in run_config.skills}
 
     def __call__(self, weights: dict) -> dict[str, float]:
         self.engine.load_state_dict(weights)
-        n, seed = self.config.validation_items, self.config.seed
-        return {s: get_skill(s).evaluate(self.engine, "validation", n, seed=seed).quality for s in self.config.skills}
+        return score_skills(self.engine, self.tasks, "validation", self.config.validation_items, seed=self.config.seed)
 
 
 def materialise(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from evolve.skills.base import SPLITS, Item, SkillTask, Split, TaskResult, format_prompt
+from collections.abc import Mapping
+
+from evolve.skills.base import SPLITS, Generator, Item, SkillTask, Split, TaskResult, format_prompt
 
 __all__ = [
     "SKILL_NAMES",
@@ -14,6 +16,7 @@ __all__ = [
     "UnknownSkillError",
     "format_prompt",
     "get_skill",
+    "score_skills",
 ]
 
 #: Skill names in their canonical order (the cycle order of CycleQD and the column order of every table).
@@ -39,3 +42,11 @@ def get_skill(name: str) -> SkillTask:
 
         return DbTask()
     raise UnknownSkillError(f"unknown skill {name!r}: the built-in skills are {', '.join(SKILL_NAMES)}")
+
+
+def score_skills(
+    engine: Generator, tasks: Mapping[str, SkillTask], split: Split, limit: int, *, seed: int
+) -> dict[str, float]:
+    """Quality per skill of whatever the engine holds, on ``limit`` items of ``split`` drawn with ``seed`` (the
+    same items for every model scored with the same arguments, so scores compare)."""
+    return {name: task.evaluate(engine, split, limit, seed=seed).quality for name, task in tasks.items()}
