@@ -353,7 +353,7 @@ def aggregate_genome(state: RunState) -> tuple[torch.Tensor, dict[str, float]]:
 
 def best_mean_elite(state: RunState) -> str:
     """The elite with the highest mean validation score (ties: the smaller id)."""
-    return max(sorted(state.elites), key=lambda e: _mean(state.elites[e]["validation"]))
+    return max(sorted(state.elites), key=lambda e: mean_score(state.elites[e]["validation"]))
 
 
 def load_run(run_dir: Path) -> tuple[EvolveConfig, RunState, Bases]:
@@ -366,7 +366,7 @@ def load_run(run_dir: Path) -> tuple[EvolveConfig, RunState, Bases]:
     return config, RunState.load(state_file), Bases.load(run_dir / "svd")
 
 
-def _mean(scores: dict[str, float]) -> float:
+def mean_score(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 

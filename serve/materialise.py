@@ -94,6 +94,7 @@ def materialise(
     if needs_scorer and scorer is None:
         scorer = Scorer(run_config)
     out: list[Artifact] = []
+    full_model = None
     for sel in selected:
         scores = sel.scores
         if scores is None:  # the aggregate: not in the archive, so scored here like every elite was
@@ -105,15 +106,14 @@ def materialise(
                 export = save_lora(bases, sel.genome, cfg.lora_rank, path, base_model=str(run_config.models / "base"))
             except ValueError as exc:
                 raise MaterialiseError(f"lora_rank {cfg.lora_rank}: {exc}") from exc
-            served = (
-                scorer(merged_weights(bases.base, lora_factors(bases, sel.genome, cfg.lora_rank)))
-                if (cfg.measure_truncation and scorer is not None)
-                else None
-            )
+            measure = cfg.measure_truncation and scorer is not None
+            served = scorer(merged_weights(bases.base, export)) if measure else None  # type: ignore[misc]
             art = Artifact(sel, "lora", path, scores, served, export.rank, export.truncation_error)
         else:
             path = cfg.out / "models" / dir_name(sel.id)
-            model, tokenizer = load_model(run_config.models / "base")
+            if full_model is None:  # one model object, overwritten in place for each elite
+                full_model = load_model(run_config.models / "base")
+            model, tokenizer = full_model
             bases.materialise_into(sel.genome, {k: p.data for k, p in model.named_parameters()})
             save_model(model, tokenizer, path, {"role": "elite", "elite": sel.id, "run": str(cfg.run)})
             art = Artifact(sel, "full", path, scores, dict(scores))

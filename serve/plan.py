@@ -85,7 +85,10 @@ def model_size(base_dir: Path, dtype: str, total_rank: int | None) -> ModelSize:
 
 def make_plan(cfg: ServeConfig, elite_ids: list[str], size: ModelSize, *, max_lora_rank: int | None) -> Plan:
     devices = cfg.devices or detect_devices()
-    usable = {d.name: (d.memory_gib or detect_devices()[0].memory_gib or 0) * cfg.memory_utilization for d in devices}
+    # memory not given in the config: detect it once (by device name; else the first detected device's)
+    detected = {} if all(d.memory_gib for d in devices) else {d.name: d.memory_gib or 0.0 for d in detect_devices()}
+    fallback = next(iter(detected.values()), 0.0)
+    usable = {d.name: (d.memory_gib or detected.get(d.name, fallback)) * cfg.memory_utilization for d in devices}
     fixed = (size.weights_bytes / GIB) + cfg.kv_cache_gib + cfg.engine_overhead_gib
     engines: list[EnginePlan] = []
     if cfg.mode == "lora":

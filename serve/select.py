@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from evolve.run import RunError, RunState, aggregate_genome
+from evolve.run import RunError, RunState, aggregate_genome, mean_score
 from serve.config import Selection
 
 AGGREGATE_ID = "aggregate"
@@ -25,10 +25,6 @@ class Selected:
     test_scores: dict[str, float] | None
     lineage: dict[str, Any]
     selected_by: list[str] = field(default_factory=list)
-
-
-def _mean(scores: dict[str, float]) -> float:
-    return sum(scores.values()) / len(scores)
 
 
 def pareto_front(scores: dict[str, dict[str, float]]) -> list[str]:
@@ -71,7 +67,7 @@ def select(state: RunState, rules: Selection) -> list[Selected]:
             AGGREGATE_ID, genome, None, None, {"aggregate_of": weights}, selected_by=["aggregate"]
         )
     if rules.top:
-        ranked = sorted(sorted(state.genomes), key=lambda e: -_mean(state.elites[e]["validation"]))
+        ranked = sorted(sorted(state.genomes), key=lambda e: -mean_score(state.elites[e]["validation"]))
         for eid in ranked[: rules.top]:
             take(eid, "top")
     if not chosen:
