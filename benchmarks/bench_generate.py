@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from evolve.engines.hf import TransformersEngine
+from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
 from evolve.models.modeling import ArchSpec, new_model
 from evolve.models.tokenizer import train_tokenizer
-from evolve.skills import SKILL_NAMES, format_prompt, get_skill
 
 
 def measure(engine: TransformersEngine, prompts: list[str], new_tokens: int) -> tuple[float, int]:

@@ -28,7 +28,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from evolve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
+from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 
 
 def pct(values: list[float], q: float) -> float:
@@ -134,7 +134,7 @@ def main() -> None:
         r = Router(RoutingPolicy.model_validate(policy))
         r.refresh_manifest(force=True)
         r.build_classifier()
-        from evolve.skills import SKILL_NAMES, get_skill
+        from evolve.evaluators import SKILL_NAMES, get_skill
 
         texts = [i.prompt for s in SKILL_NAMES for i in get_skill(s).items("test", 70)]
         r.classify(texts[0])

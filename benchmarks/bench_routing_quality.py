@@ -24,13 +24,13 @@ from rich.table import Table
 
 from evolve.configfile import load_yaml_model
 from evolve.engines.hf import TransformersEngine
+from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
 from evolve.lora import lora_factors, merged_weights
-from evolve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 from evolve.models.modeling import load_model
-from evolve.skills import SKILL_NAMES, format_prompt, get_skill
 from router.app import Router
 from router.policy import RoutingPolicy
 from serve.config import ServeConfig
+from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 from serve.materialise import materialise
 from serve.service import prepare
 

@@ -23,7 +23,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from evolve.skills import SKILL_NAMES, format_prompt, get_skill
+from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
 from serve.config import Selection, ServeConfig
 from serve.service import build_supervisor, preflight, prepare
 from serve.supervisor import rss_gib

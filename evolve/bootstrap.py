@@ -30,12 +30,12 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from evolve.atomic import read_versioned_json, write_json_atomic
 from evolve.config import BootstrapConfig
 from evolve.engines.hf import TransformersEngine
+from evolve.evaluators import get_skill, score_skills
+from evolve.evaluators.base import format_prompt
 from evolve.merge import average
 from evolve.models.modeling import META_FILE, ModelError, load_model, new_model, read_meta, save_model
 from evolve.models.tokenizer import train_tokenizer
 from evolve.models.train import Example, TrainSpec, encode, train
-from evolve.skills import get_skill, score_skills
-from evolve.skills.base import format_prompt
 
 FORMAT_VERSION = 1
 REPORT_FILE = "bootstrap.json"

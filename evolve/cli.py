@@ -21,10 +21,10 @@ def user_errors(*extra: type[Exception]) -> Iterator[None]:
     traceback; anything else is a bug and keeps its traceback."""
     from evolve.bootstrap import BootstrapError
     from evolve.config import ConfigError
+    from evolve.evaluators import UnknownSkillError
     from evolve.genome import BasisError
     from evolve.models.modeling import ModelError
     from evolve.run import RunError
-    from evolve.skills import UnknownSkillError
 
     try:
         yield
@@ -70,7 +70,7 @@ def evaluate(
     from rich.table import Table
 
     from evolve.engines.hf import TransformersEngine
-    from evolve.skills import SKILL_NAMES, SPLITS, get_skill
+    from evolve.evaluators import SKILL_NAMES, SPLITS, get_skill
 
     if split not in SPLITS:
         raise typer.BadParameter(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}", param_hint="--split")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evolve.configfile import ConfigError, load_yaml_model
+from evolve.evaluators import SKILL_NAMES, get_skill
 from evolve.models.modeling import ArchSpec
-from evolve.skills import SKILL_NAMES, get_skill
 
 __all__ = ["BootstrapConfig", "ConfigError", "PhaseConfig", "load_yaml_model"]
 

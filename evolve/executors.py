@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from evolve.skills import get_skill, score_skills
+from evolve.evaluators import get_skill, score_skills
 
 
 class Executor(Protocol):

@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from evolve.atomic import write_json_atomic
+from evolve.evaluators import score_skills
 from evolve.merge import dare, ties
 from evolve.models.modeling import load_model
 from evolve.run import STATE_FILE, Evolution, load_run_config
-from evolve.skills import score_skills
 
 REPORT_FILE = "report.json"
 

@@ -37,11 +37,11 @@ from safetensors.torch import save_file
 from evolve.archive import SkillArchive, default_ranges
 from evolve.atomic import read_versioned_json
 from evolve.engines.hf import TransformersEngine
+from evolve.evaluators import get_skill, score_skills
 from evolve.executors import Executor, LocalExecutor, WorkerSpec, make_executor
 from evolve.genome import Bases
 from evolve.models.modeling import load_model
 from evolve.operators import CrossoverConfig, MutationConfig, SamplingConfig, crossover, mutate, sample_parents
-from evolve.skills import get_skill, score_skills
 
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"

@@ -33,10 +33,10 @@ from prometheus_client import Counter as PCounter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from evolve.configfile import ConfigError, load_yaml_model
-from evolve.manifest import EliteEntry, Health, ServingManifest
 from router.manifests import ManifestSet
 from router.policy import RoutingPolicy
 from router.selection import Breaker, normalise, parse_weights, rank
+from serve.manifest import EliteEntry, Health, ServingManifest
 
 log = logging.getLogger("cycleqd.router")
 

@@ -5,7 +5,7 @@ is downloaded), run here in numpy with the ``tokenizers`` library: the router mu
 ARCHITECTURE.md), and a 6-layer, 384-wide BERT on short prompts is a few milliseconds in numpy. A test checks it
 against sentence-transformers' own embeddings.
 
-Exemplars are each skill's *training* prompts (``evolve.skills``); the classifier is nearest-centroid (or kNN)
+Exemplars are each skill's *training* prompts (``evolve.evaluators``); the classifier is nearest-centroid (or kNN)
 on cosine similarity with a softmax whose temperature is calibrated on validation prompts (the temperature that
 minimises their negative log-likelihood), so the weights it returns are probabilities, not just a ranking.
 Accuracy is measured on the test split, which neither step saw.
@@ -151,7 +151,7 @@ class SkillClassifier:
 
 
 def skill_texts(skill: str, split: str, n: int, seed: int = 0) -> list[str]:
-    from evolve.skills import get_skill
+    from evolve.evaluators import get_skill
 
     return [i.prompt for i in get_skill(skill).items(split, n, seed=seed)]  # type: ignore[arg-type]
 

@@ -80,7 +80,7 @@ def demo(
     """Send a mixed batch of held-out skill-world tasks through the router (model 'auto') and grade them."""
     import openai
 
-    from evolve.skills import SKILL_NAMES, get_skill
+    from evolve.evaluators import SKILL_NAMES, get_skill
 
     tasks = [(s, item) for s in SKILL_NAMES for item in get_skill(s).items("test", per_skill, seed=seed + 1000)]
     random.Random(seed).shuffle(tasks)

@@ -14,7 +14,7 @@ import os
 import httpx
 from pydantic import ValidationError
 
-from evolve.manifest import ManifestError, ServingManifest, load_manifest
+from serve.manifest import ManifestError, ServingManifest, load_manifest
 
 log = logging.getLogger("cycleqd.router")
 

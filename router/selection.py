@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from evolve.manifest import EliteEntry
+from serve.manifest import EliteEntry
 
 
 def rendezvous_score(key: str, node: str) -> int:

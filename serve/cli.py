@@ -37,9 +37,9 @@ def user_errors() -> Iterator[None]:
     """Bad input ends the command with its message and exit code 2; anything else keeps its traceback."""
     from evolve.config import ConfigError
     from evolve.genome import BasisError
-    from evolve.manifest import ManifestError
     from evolve.models.modeling import ModelError
     from evolve.run import RunError
+    from serve.manifest import ManifestError
     from serve.materialise import MaterialiseError
     from serve.plan import PlanError
     from serve.supervisor import ServeError
@@ -183,7 +183,7 @@ def run_cmd(
 @app.command()
 def status(config: ConfigOpt = None, out: OutOpt = None) -> None:
     """Print the serving manifest: engines with their health, elites with their scores."""
-    from evolve.manifest import load_manifest
+    from serve.manifest import load_manifest
 
     with user_errors():
         cfg = load_config(config, out=out)
@@ -249,7 +249,7 @@ def wait(
     timeout: Annotated[float, typer.Option(help="seconds")] = 300.0,
 ) -> None:
     """Wait until the manifest exists and every engine in it is ready (exit 1 on timeout)."""
-    from evolve.manifest import Health, ManifestError, load_manifest
+    from serve.manifest import Health, ManifestError, load_manifest
 
     cfg = load_config(config, out=out)
     deadline = time.monotonic() + timeout

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evolve.engines.hf import TransformersEngine
+from evolve.evaluators import get_skill, score_skills
 from evolve.genome import Bases
 from evolve.lora import lora_factors, merged_weights, save_lora
 from evolve.models.modeling import load_model, save_model
 from evolve.run import EvolveConfig
-from evolve.skills import get_skill, score_skills
 from serve.config import ServeConfig
 from serve.select import Selected
 

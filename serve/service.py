@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evolve.genome import Bases
-from evolve.manifest import ServingManifest
 from evolve.run import EvolveConfig, RunState, load_run
 from serve.config import Selection, ServeConfig
+from serve.manifest import ServingManifest
 from serve.materialise import Artifact, Scorer, check_lora_rank, materialise, max_lora_rank
 from serve.plan import Plan, make_plan, model_size
 from serve.select import Selected, select

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from evolve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 from serve.config import ServeConfig
+from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 from serve.materialise import Artifact
 from serve.plan import GIB, EnginePlan
 

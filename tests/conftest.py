@@ -13,8 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
+    from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
     from evolve.models.tokenizer import train_tokenizer
-    from evolve.skills import SKILL_NAMES, format_prompt, get_skill
 
     texts = [format_prompt(i.prompt) + " " + i.answer for s in SKILL_NAMES for i in get_skill(s).items("train", 300)]
     return train_tokenizer(texts, vocab_size=400)

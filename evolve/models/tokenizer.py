@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from evolve.skills.base import ANSWER_CUE
+from evolve.evaluators.base import ANSWER_CUE
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 #: Chat prompts render exactly as training prompts: the last user message, then the answer cue.

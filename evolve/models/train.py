@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evolve.skills.base import Item, format_prompt
+from evolve.evaluators.base import Item, format_prompt
 
 Example = tuple[list[int], int]  # token ids, number of prompt tokens
 

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import uvicorn
 
-from evolve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 from router.app import Router, create_app
 from router.policy import RoutingPolicy
 from router.testing import FakeUpstream
+from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 
 SKILLS = ["code", "os", "db"]
 #: Per-skill scores of three fake elites: each is best at one skill.

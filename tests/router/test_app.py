@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from evolve.manifest import Health
 from router.app import Router
+from serve.manifest import Health
 from tests.router.conftest import ELITES, write_manifest
 
 

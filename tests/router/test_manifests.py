@@ -7,10 +7,10 @@ import time
 import httpx
 import openai
 
-from evolve.manifest import EliteEntry, EngineEntry, Health, ServingManifest
 from router.manifests import ManifestSet
 from serve.admin import serve_admin
 from serve.config import ServeConfig
+from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest
 from serve.supervisor import Supervisor
 from tests.router.conftest import ELITES, free_port, write_manifest
 

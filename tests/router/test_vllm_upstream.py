@@ -9,8 +9,8 @@ import signal
 import openai
 import pytest
 
-from evolve.manifest import load_manifest
-from evolve.skills import format_prompt, get_skill
+from evolve.evaluators import format_prompt, get_skill
+from serve.manifest import load_manifest
 from tests.router.conftest import RunningRouter
 from tests.serve.test_engines import _start
 

@@ -22,11 +22,11 @@ import pytest
 import yaml
 
 from evolve.engines.hf import TransformersEngine
+from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
 from evolve.lora import lora_factors, merged_weights
-from evolve.manifest import Health, load_manifest
 from evolve.models.modeling import load_model
 from evolve.run import load_run
-from evolve.skills import SKILL_NAMES, format_prompt, get_skill
+from serve.manifest import Health, load_manifest
 
 pytestmark = pytest.mark.slow
 

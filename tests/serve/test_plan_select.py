@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evolve.manifest import ManifestError, ServingManifest, load_manifest, save_manifest
 from evolve.run import RunError, load_run
 from serve.config import Device, Selection, ServeConfig
+from serve.manifest import ManifestError, ServingManifest, load_manifest, save_manifest
 from serve.materialise import MaterialiseError, check_lora_rank, max_lora_rank
 from serve.plan import GIB, ModelSize, PlanError, make_plan
 from serve.select import AGGREGATE_ID, pareto_front, select

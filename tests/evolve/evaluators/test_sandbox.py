@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from evolve.skills import sandbox
-from evolve.skills.sandbox import Job, Limits
+from evolve.evaluators import sandbox
+from evolve.evaluators.sandbox import Job, Limits
 
 PWNED = Path("/tmp/cycleqd-sandbox-pwned")
 

@@ -1,8 +1,8 @@
 """The serving manifest (contract #2, see ARCHITECTURE.md): which endpoint serves which elite.
 
 ``cycleqd-serve`` writes it (atomically, every time an engine or an elite comes or goes, or an engine's health
-changes); ``cycleqd-router`` reads it and nothing else. It lives here, next to the run-directory schema, so that
-the router can import it without importing serve/, vLLM or torch (this module needs only pydantic).
+changes); ``cycleqd-router`` reads it and nothing else. It lives next to its writer; the router imports it
+and nothing else of serve/ or evolve/, so this module needs only pydantic and the standard library.
 
 ``manifest.json`` (``format_version`` 1)::
 
@@ -24,6 +24,7 @@ An elite's health is its engine's (copied into each elite entry at every write, 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -32,8 +33,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from evolve.atomic import read_versioned_json
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -131,7 +130,13 @@ def load_manifest(path: Path) -> ServingManifest:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no serving manifest there; start `cycleqd-serve run` or pass the right path")
-    raw = read_versioned_json(path, FORMAT_VERSION, ManifestError, "not a CycleQD serving manifest")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: corrupt, not valid JSON ({exc}); not a CycleQD serving manifest") from exc
+    found = raw.get("format_version") if isinstance(raw, dict) else None
+    if found != FORMAT_VERSION:
+        raise ManifestError(f"{path}: field 'format_version' is {found!r}, expected {FORMAT_VERSION}")
     try:
         return ServingManifest.model_validate(raw)
     except ValidationError as exc:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from evolve.skills import SKILL_NAMES, UnknownSkillError, get_skill
-from evolve.skills.base import SPLITS, first_line, split_of
+from evolve.evaluators import SKILL_NAMES, UnknownSkillError, get_skill
+from evolve.evaluators.base import SPLITS, first_line, split_of
 
 
 @pytest.mark.parametrize("skill", SKILL_NAMES)

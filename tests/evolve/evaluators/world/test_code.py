@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from evolve.skills.code import CodeTask
+from evolve.evaluators.world.code import CodeTask
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from evolve.skills.shell import ShellTask
-from evolve.skills.simshell import Shell
+from evolve.evaluators.world.shell import ShellTask
+from evolve.evaluators.world.simshell import Shell
 
 
 @pytest.fixture(scope="module")

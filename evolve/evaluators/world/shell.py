@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from evolve.skills.base import Item, SkillTask, Template, first_line
-from evolve.skills.simshell import DIRS, FILES, WORDS, Shell
+from evolve.evaluators.base import Item, SkillTask, Template, first_line
+from evolve.evaluators.world.simshell import DIRS, FILES, WORDS, Shell
 
 # name -> (level, gold command, phrasings)
 SPECS: dict[str, tuple[int, str, tuple[str, ...]]] = {

@@ -12,7 +12,7 @@ import random
 import sqlite3
 from collections.abc import Iterator, Sequence
 
-from evolve.skills.base import Item, SkillTask, Template, first_line
+from evolve.evaluators.base import Item, SkillTask, Template, first_line
 
 DEPTS = ("sales", "hr", "it", "ops", "legal", "finance")
 CITIES = ("paris", "tokyo", "lima", "oslo", "cairo", "perth")

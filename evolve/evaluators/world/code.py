@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from evolve.skills import sandbox
-from evolve.skills.base import Item, SkillTask, Template, first_line
+from evolve.evaluators import sandbox
+from evolve.evaluators.base import Item, SkillTask, Template, first_line
 
 INT_INPUTS: tuple[tuple, ...] = ((-7,), (0,), (3,), (12,), (25,), (58,), (99,))
 LIST_INPUTS: tuple[tuple, ...] = (([],), ([4, 9, 2],), ([1, 2, 3, 4, 5, 6],), ([12, 5, 30, 5, 7],), ([-3, 8, 0, 21],))

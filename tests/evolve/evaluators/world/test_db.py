@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from evolve.skills.db import NAMES, DbTask
+from evolve.evaluators.world.db import NAMES, DbTask
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from evolve.skills.base import SPLITS, Generator, Item, SkillTask, Split, TaskResult, format_prompt
+from evolve.evaluators.base import SPLITS, Generator, Item, SkillTask, Split, TaskResult, format_prompt
 
 __all__ = [
     "SKILL_NAMES",
@@ -30,15 +30,15 @@ class UnknownSkillError(ValueError):
 def get_skill(name: str) -> SkillTask:
     """A fresh task object for ``name``; the error lists the skills that exist."""
     if name == "code":
-        from evolve.skills.code import CodeTask
+        from evolve.evaluators.world.code import CodeTask
 
         return CodeTask()
     if name == "os":
-        from evolve.skills.shell import ShellTask
+        from evolve.evaluators.world.shell import ShellTask
 
         return ShellTask()
     if name == "db":
-        from evolve.skills.db import DbTask
+        from evolve.evaluators.world.db import DbTask
 
         return DbTask()
     raise UnknownSkillError(f"unknown skill {name!r}: the built-in skills are {', '.join(SKILL_NAMES)}")

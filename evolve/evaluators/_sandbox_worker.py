@@ -1,6 +1,6 @@
 """Sandbox worker: runs untrusted, model-written Python in a separate, locked-down interpreter.
 
-Started by :mod:`evolve.skills.sandbox` as ``python -I -S <this file>`` (isolated mode, no site-packages). It
+Started by :mod:`evolve.evaluators.sandbox` as ``python -I -S <this file>`` (isolated mode, no site-packages). It
 must stay standard-library only and import nothing from the project. Protocol: one JSON document on stdin
 ``{"jobs": [{"code", "argnames", "calls"}...], "limits": {...}}``; one JSON line per job on stdout, written as
 each job finishes so that the parent keeps every result before a crash.
