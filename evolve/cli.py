@@ -199,7 +199,7 @@ def export_lora(
                 known = ", ".join(sorted(ev.state.genomes)[:5])
                 raise RunError(f"{run_dir}: no elite {eid!r} in the run (e.g. {known}); see its state.safetensors")
             genome = ev.state.genomes[eid]
-        export = save_lora(ev.bases, genome, rank, out, base_model=str(ev.config.models / "base"))
+        export = save_lora(ev.bases, genome, rank, out, base_model=str(ev.population.base))
     loss = f"{100 * export.truncation_error:.2f}%"
     console.print(f"wrote {out}: LoRA rank {export.rank}, truncation error {loss} of the task vector")
 

@@ -38,6 +38,8 @@ class WorkerSpec:
     """Everything a worker needs to build its engine and score like the run does."""
 
     base_model: Path
+    dtype: str
+    device: str  # cpu, cuda or auto: with cuda, each worker holds one GPU
     svd_dir: Path
     skills: tuple[str, ...]
     validation_items: int
@@ -57,31 +59,76 @@ class LocalExecutor:
 
 
 class Worker:
-    """One engine scoring genomes on the validation split (used by both the pool and Ray)."""
+    """One engine scoring genomes on the validation split (used by both the pool and Ray).
 
-    def __init__(self, spec: WorkerSpec) -> None:
-        from evolve.engines.hf import TransformersEngine
-        from evolve.genome import Bases
+    The engine is built on the first genome, not in the constructor, so where a worker was placed (its GPU) can
+    be asked before anything heavy is loaded.
+    """
 
+    def __init__(self, spec: WorkerSpec, slot: int = 0) -> None:
         torch.set_num_threads(spec.threads)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.spec = spec
-        self.engine = TransformersEngine.from_pretrained(spec.base_model)
-        self.bases = Bases.load(spec.svd_dir)
+        self.device = worker_device(spec.device, slot)
+        self.engine: Any = None
+
+    def placement(self) -> dict[str, Any]:
+        """The device this worker computes on and, on Ray, the GPU ids Ray gave it."""
+        gpus: list[Any] = []
+        try:
+            import ray
+
+            if ray.is_initialized():
+                gpus = [str(g) for g in ray.get_gpu_ids()]
+        except ImportError:
+            pass
+        return {"device": self.device, "ray_gpu_ids": gpus, "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+    def _build(self) -> None:
+        from evolve.engines.hf import TransformersEngine
+        from evolve.genome import Bases
+
+        spec = self.spec
+        self.engine = TransformersEngine.from_pretrained(spec.base_model, dtype=spec.dtype, device=self.device)
+        self.bases = Bases.load(spec.svd_dir).to(self.engine.device)
         self.tasks = {s: get_skill(s) for s in spec.skills}
 
     def score(self, genome: torch.Tensor) -> dict[str, float]:
+        if self.engine is None:
+            self._build()
         self.engine.load_genome(self.bases, genome)
         n, seed = self.spec.validation_items, self.spec.seed
         return score_skills(self.engine, self.tasks, "validation", n, seed=seed)
 
 
+def worker_device(device: str, slot: int) -> str:
+    """``cuda`` becomes the slot's own GPU: on Ray, the one GPU Ray made visible to the actor (``cuda:0``); in a
+    pool, GPU ``slot mod count``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda":
+        return device
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        try:
+            import ray
+
+            if ray.is_initialized() and ray.get_gpu_ids():
+                return "cuda:0"
+        except ImportError:
+            pass
+    count = torch.cuda.device_count()
+    return f"cuda:{slot % count}" if count else "cuda"
+
+
 _worker: Worker | None = None
 
 
-def _init_worker(spec: WorkerSpec) -> None:
+def _init_worker(spec: WorkerSpec, counter: Any) -> None:
     global _worker
-    _worker = Worker(spec)
+    with counter.get_lock():
+        slot = counter.value
+        counter.value += 1
+    _worker = Worker(spec, slot)
 
 
 def _score_in_worker(genome: torch.Tensor) -> dict[str, float]:
@@ -91,8 +138,9 @@ def _score_in_worker(genome: torch.Tensor) -> dict[str, float]:
 
 class PoolExecutor:
     def __init__(self, spec: WorkerSpec, workers: int) -> None:
+        ctx = get_context("spawn")
         self.pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(spec,)
+            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(spec, ctx.Value("i", 0))
         )
 
     def score_many(self, genomes: Sequence[torch.Tensor]) -> list[dict[str, float]]:
@@ -116,8 +164,12 @@ class RayExecutor:
                 ray.init(address=address, **kwargs)
             else:
                 ray.init(num_cpus=max(workers * spec.threads, 1), **kwargs)
-        actor = ray.remote(num_cpus=spec.threads)(Worker)
-        self.actors = [actor.remote(spec) for _ in range(workers)]
+        # One GPU per actor with device: cuda; Ray places them and sets each one's CUDA_VISIBLE_DEVICES.
+        actor = ray.remote(num_cpus=spec.threads, num_gpus=1 if spec.device == "cuda" else 0)(Worker)
+        self.actors = [actor.remote(spec, i) for i in range(workers)]
+
+    def placements(self) -> list[dict[str, Any]]:
+        return list(self.ray.get([a.placement.remote() for a in self.actors]))
 
     def score_many(self, genomes: Sequence[torch.Tensor]) -> list[dict[str, float]]:
         refs = [self.actors[i % len(self.actors)].score.remote(g) for i, g in enumerate(genomes)]

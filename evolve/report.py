@@ -1,8 +1,9 @@
 """``cycleqd-evolve report``: the paper's results table, on the **test** split, over one or more runs.
 
-Rows: base, each expert, the multi-task baseline, the plain task-arithmetic average of the experts, TIES and
-DARE merges, CycleQD's best elite by mean validation score and CycleQD's aggregate (softmax-weighted merge of
-each archive's best). With several runs (seeds), each cell is the mean and the spread (standard deviation).
+Rows: base, each expert, the multi-task baseline (when the population has one), the plain task-arithmetic
+average of the experts, TIES and DARE merges, CycleQD's best elite by mean validation score and CycleQD's
+aggregate (softmax-weighted merge of each archive's best). With several runs (seeds), each cell is the mean and
+the spread (standard deviation).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.table import Table
 from evolve.atomic import write_json_atomic
 from evolve.evaluators import score_skills
 from evolve.merge import dare, ties
-from evolve.models.modeling import load_model
+from evolve.models.hf import load_hf
 from evolve.run import STATE_FILE, Evolution, load_run_config
 
 REPORT_FILE = "report.json"
@@ -47,9 +48,12 @@ def score_run(run_dir: Path, console: Console, *, all_elites: bool = True) -> di
         for q, s in enumerate(cfg.skills):
             status.update(f"expert:{s}")
             rows[f"expert:{s}"] = ev.score(layout.expert(q), "test")
-        status.update("multitask")
-        mt, _ = load_model(cfg.models / "multitask")
-        rows["multitask"] = weights(dict(mt.named_parameters()))
+        multitask = ev.population.multitask
+        if multitask is not None and multitask.is_dir():  # a population may come without one
+            status.update("multitask")
+            mt, _ = load_hf(multitask, dtype=cfg.dtype)
+            rows["multitask"] = weights(dict(mt.named_parameters()))
+            del mt
         status.update("merges")
         k = len(cfg.skills)
         rows["task arithmetic (average)"] = ev.score(sum(layout.expert(q) for q in range(k)) / k, "test")

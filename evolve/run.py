@@ -23,14 +23,14 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -39,8 +39,8 @@ from evolve.atomic import read_versioned_json
 from evolve.engines.hf import TransformersEngine
 from evolve.evaluators import get_skill, score_skills
 from evolve.executors import Executor, LocalExecutor, WorkerSpec, make_executor
-from evolve.genome import Bases
-from evolve.models.modeling import load_model
+from evolve.genome import Bases, svd_tensors
+from evolve.models.hf import Device, DType, check_population, load_hf, resolve_device
 from evolve.operators import CrossoverConfig, MutationConfig, SamplingConfig, crossover, mutate, sample_parents
 
 FORMAT_VERSION = 1
@@ -52,12 +52,52 @@ class RunError(RuntimeError):
     """A run directory that cannot be used; it is never overwritten. The message names the file and field."""
 
 
+class PopulationConfig(BaseModel):
+    """A base model and one expert per skill: any Hugging Face causal LM directories (see evolve.models.hf)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: Path
+    experts: dict[str, Path] = Field(min_length=2, description="skill -> the expert fine-tuned for it")
+    multitask: Path | None = Field(None, description="optional multi-task fine-tune, reported beside CycleQD")
+
+
+class GenomeConfig(BaseModel):
+    """Which tensors get SVD bases (see evolve.genome.svd_tensors) and how large the bases may grow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embeddings: bool | None = Field(
+        None,
+        description="also decompose the token embedding (and an untied head); default: on for the embedded "
+        "bootstrap population, whose experts differ mostly there, off for other populations",
+    )
+    rank_cap: int | Literal["auto"] | None = Field(
+        "auto",
+        description="per-expert rank per matrix; auto: the factors of all experts about one model's size "
+        "(full rank for the embedded bootstrap population, whose bases are a few MB); null: full rank",
+    )
+
+    @field_validator("rank_cap")
+    @classmethod
+    def _positive(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("rank_cap must be at least 1, 'auto' or null")
+        return v
+
+
 class EvolveConfig(BaseModel):
     """Settings of one CycleQD run; defaults follow the official code unless the docs say why not."""
 
     model_config = ConfigDict(extra="forbid")
 
     models: Path = Field(Path(".cache/demo/models"), description="bootstrap output: base/ and experts/<skill>/")
+    population: PopulationConfig | None = Field(
+        None, description="base and experts as any HF directories; default: the bootstrap output under `models`"
+    )
+    dtype: DType = Field("float32", description="the engine's weights: float32, bfloat16, float16 or auto")
+    device: Device = Field("cpu", description="cpu, cuda or auto; with cuda each pool/Ray worker holds one GPU")
+    genome: GenomeConfig = Field(default_factory=GenomeConfig)
     skills: list[str] = Field(default_factory=lambda: ["code", "os", "db"], min_length=2)
     seed: int = 0
     generations: int = Field(45, ge=0)
@@ -70,7 +110,6 @@ class EvolveConfig(BaseModel):
     )
     cycle: bool = Field(True, description="False: the quality skill stays fixed_quality (ablation)")
     fixed_quality: str | None = None
-    rank_cap: int | None = Field(None, ge=1)
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="vllm: one in-process vLLM engine, weights updated in place per child"
     )
@@ -92,7 +131,30 @@ class EvolveConfig(BaseModel):
             raise ValueError("engine vllm runs in this process; use executor: local with it")
         if self.fixed_quality is not None and self.fixed_quality not in self.skills:
             raise ValueError(f"fixed_quality {self.fixed_quality!r} is not one of skills {self.skills}")
+        if self.population is not None and set(self.population.experts) != set(self.skills):
+            missing = sorted(set(self.skills) - set(self.population.experts))
+            extra = sorted(set(self.population.experts) - set(self.skills))
+            what = f"has no expert for skill {missing[0]!r}" if missing else f"has an expert for {extra[0]!r}"
+            raise ValueError(f"population.experts {what}, but skills are {self.skills}: one expert per skill")
         return self
+
+    # -- what the defaults resolve to ----------------------------------------------------------------------------
+    def resolved_population(self) -> PopulationConfig:
+        if self.population is not None:
+            return self.population
+        return PopulationConfig(
+            base=self.models / "base",
+            experts={s: self.models / "experts" / s for s in self.skills},
+            multitask=self.models / "multitask",
+        )
+
+    def svd_embeddings(self) -> bool:
+        return self.population is None if self.genome.embeddings is None else self.genome.embeddings
+
+    def rank_cap(self) -> int | Literal["auto"] | None:
+        if self.genome.rank_cap == "auto" and self.population is None:
+            return None
+        return self.genome.rank_cap
 
 
 #: Settings that decide where work runs, not what it computes: a run may resume with other values.
@@ -155,6 +217,32 @@ class RunState:
         return st
 
 
+def embedding_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Parameter names of the input embedding and the output head, found through the model's own accessors (so
+    no architecture's naming is assumed). A tied head shares the embedding's tensor and is listed once."""
+    wanted = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    return {name for name, p in model.named_parameters() if any(p is w for w in wanted)}
+
+
+class ExpertWeights(Mapping[str, dict[str, torch.Tensor]]):
+    """Each expert's weights, loaded when asked for and not kept: SVD needs one expert at a time, so a run over
+    a large model holds the base and one expert in memory, not all of them."""
+
+    def __init__(self, dirs: Mapping[str, Path], skills: Sequence[str], *, names: list[str], device: torch.device):
+        self.dirs, self.skills, self.names, self.device = dirs, list(skills), names, device
+
+    def __getitem__(self, skill: str) -> dict[str, torch.Tensor]:
+        model, _ = load_hf(self.dirs[skill], dtype="float32", device=self.device)
+        params = dict(model.named_parameters())
+        return {k: params[k].detach() for k in self.names}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.skills)
+
+    def __len__(self) -> int:
+        return len(self.skills)
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.integer):
         return int(o)
@@ -182,19 +270,27 @@ class Evolution:
                 raise RunError(f"{run_file}: the saved config differs from the one given; resume without --config")
         elif self.dir.exists() and any(self.dir.iterdir()):
             raise RunError(f"{self.dir}: not empty; pass --resume to continue the run there, or choose another --out")
-        base_model, self.tokenizer = load_model(config.models / "base")
-        self.base_weights = {k: v.detach().clone() for k, v in base_model.named_parameters()}
+        self.population = config.resolved_population()
+        # Headers only: a mismatched expert, a missing shard or a pickle checkpoint is refused in seconds.
+        check_population(self.population.base, self.population.experts)
+        self.device = resolve_device(config.device)
+        base_model, self.tokenizer = load_hf(self.population.base, dtype=config.dtype, device=self.device)
+        self.base_weights = {k: v.detach().float().clone() for k, v in base_model.named_parameters()}
+        self.embedding_names = embedding_parameter_names(base_model)
         if config.engine == "vllm":
             from evolve.engines.vllm_engine import VLLMEngine
 
-            self.engine: TransformersEngine | VLLMEngine = VLLMEngine(config.models / "base", seed=config.seed)
+            del base_model
+            self.engine: TransformersEngine | VLLMEngine = VLLMEngine(
+                self.population.base, seed=config.seed, dtype=config.dtype
+            )
         else:
             self.engine = TransformersEngine(base_model, self.tokenizer)
         #: Seconds spent per phase (sampling, crossover, mutation, materialisation, evaluation, saving).
         self.timings: defaultdict[str, float] = defaultdict(float)
         self._executor: Executor | None = None
         if resume and (self.dir / STATE_FILE).exists():
-            self.bases = Bases.load(self.dir / "svd")
+            self.bases = Bases.load(self.dir / "svd").to(self.device)
             self.state = RunState.load(self.dir / STATE_FILE)
         else:
             self._start()
@@ -207,12 +303,10 @@ class Evolution:
             json.dumps({"format_version": FORMAT_VERSION, "config": json.loads(cfg.model_dump_json())}, indent=2)
         )
         base = self.base_weights
-        experts = {}
-        for s in cfg.skills:
-            model, _ = load_model(cfg.models / "experts" / s)
-            params = dict(model.named_parameters())
-            experts[s] = {k: params[k].detach() for k in base}
-        self.bases = Bases.compute(base, experts, rank_cap=cfg.rank_cap)
+        shapes = {k: tuple(v.shape) for k, v in base.items()}
+        svd = svd_tensors(shapes, embeddings=cfg.svd_embeddings(), embedding_names=self.embedding_names)
+        experts = ExpertWeights(self.population.experts, cfg.skills, names=list(base), device=self.device)
+        self.bases = Bases.compute(base, experts, rank_cap=cfg.rank_cap(), svd=svd)
         self.bases.save(self.dir / "svd")
         st = RunState()
         st.torch_gen.manual_seed(cfg.seed)
@@ -305,7 +399,9 @@ class Evolution:
         if self._executor is None:
             cfg = self.config
             spec = WorkerSpec(
-                base_model=cfg.models / "base",
+                base_model=self.population.base,
+                dtype=cfg.dtype,
+                device=cfg.device,
                 svd_dir=self.dir / "svd",
                 skills=tuple(cfg.skills),
                 validation_items=cfg.validation_items,

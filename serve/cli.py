@@ -69,7 +69,10 @@ def load_config(path: Path | None, run: Path | None = None, out: Path | None = N
 
 
 def _plan_table(prep) -> Table:
-    t = Table(title=f"placement ({prep.cfg.mode} mode)")
+    title = f"placement ({prep.cfg.mode} mode)"
+    if prep.plan.reason:  # mode: auto says what it chose and why
+        title += f"\nmode auto -> {prep.plan.reason}"
+    t = Table(title=title)
     for c in ("engine", "device", "url", "memory (GiB, est.)", "elites"):
         t.add_column(c)
     for e in prep.plan.engines:

@@ -52,8 +52,10 @@ class ServeConfig(BaseModel):
     run: Path = Field(Path(".cache/demo/run"), description="the CycleQD run directory to serve from")
     out: Path = Field(Path(".cache/demo/serve"), description="adapters/, models/, logs/ and manifest.json go here")
     select: Selection = Field(default_factory=Selection)
-    mode: Literal["lora", "full"] = Field(
-        "lora", description="lora: one engine per device, elites as adapters; full: one engine per elite"
+    mode: Literal["lora", "full", "auto"] = Field(
+        "lora",
+        description="lora: one engine per device, elites as adapters; full: one engine per elite; auto: full "
+        "while every elite's engine fits the devices' memory, lora beyond that (`cycleqd-serve plan` says why)",
     )
     lora_rank: int = Field(32, ge=1, description="singular directions kept per expert; adapter rank = K x this")
     max_loras: int = Field(8, ge=1, description="adapters an engine can hold in one batch (vLLM --max-loras)")

@@ -15,7 +15,8 @@ from evolve.engines.hf import TransformersEngine
 from evolve.evaluators import get_skill, score_skills
 from evolve.genome import Bases
 from evolve.lora import lora_factors, merged_weights, save_lora
-from evolve.models.modeling import load_model, save_model
+from evolve.models.hf import embedding_roles, load_hf
+from evolve.models.modeling import save_model
 from evolve.run import EvolveConfig
 from serve.config import ServeConfig
 from serve.select import Selected
@@ -55,10 +56,10 @@ def max_lora_rank(total_rank: int) -> int:
     )
 
 
-def check_lora_rank(bases: Bases, rank: int) -> int:
+def check_lora_rank(bases: Bases, rank: int, base_model: Path) -> int:
     """Validate ``rank`` (per expert) against the model and vLLM; return the total adapter rank."""
     try:
-        lora_factors(bases, bases.layout.expert(0), rank)
+        lora_factors(bases, bases.layout.expert(0), rank, embedding_roles(base_model))
     except ValueError as exc:
         raise MaterialiseError(f"lora_rank {rank}: {exc}") from exc
     total = rank * bases.layout.n_experts
@@ -67,11 +68,11 @@ def check_lora_rank(bases: Bases, rank: int) -> int:
 
 
 class Scorer:
-    """Validation scores of weights, with the run's own items and seed (so they compare with the archive's)."""
+    """Validation scores of weights, with the run's own items and seed (so they compare with the archive's), on
+    an engine in the dtype the weights are served in (so the scores describe exactly what is served)."""
 
-    def __init__(self, run_config: EvolveConfig) -> None:
-        model, tokenizer = load_model(run_config.models / "base")
-        self.engine = TransformersEngine(model, tokenizer)
+    def __init__(self, run_config: EvolveConfig, dtype: str = "float32") -> None:
+        self.engine = TransformersEngine.from_pretrained(run_config.resolved_population().base, dtype=dtype)
         self.config = run_config
         self.tasks = {s: get_skill(s) for s in run_config.skills}
 
@@ -90,9 +91,11 @@ def materialise(
     on_done: Callable[[Artifact], None] | None = None,
 ) -> list[Artifact]:
     """Write every selected elite's weights under ``cfg.out``; score what needs scoring."""
+    base_dir = run_config.resolved_population().base
+    same_dtype = cfg.dtype == run_config.dtype
     needs_scorer = cfg.measure_truncation or any(s.scores is None for s in selected)
     if needs_scorer and scorer is None:
-        scorer = Scorer(run_config)
+        scorer = Scorer(run_config, cfg.dtype)
     out: list[Artifact] = []
     full_model = None
     for sel in selected:
@@ -103,7 +106,7 @@ def materialise(
         if cfg.mode == "lora":
             path = cfg.out / "adapters" / dir_name(sel.id)
             try:
-                export = save_lora(bases, sel.genome, cfg.lora_rank, path, base_model=str(run_config.models / "base"))
+                export = save_lora(bases, sel.genome, cfg.lora_rank, path, base_model=str(base_dir))
             except ValueError as exc:
                 raise MaterialiseError(f"lora_rank {cfg.lora_rank}: {exc}") from exc
             measure = cfg.measure_truncation and scorer is not None
@@ -111,12 +114,15 @@ def materialise(
             art = Artifact(sel, "lora", path, scores, served, export.rank, export.truncation_error)
         else:
             path = cfg.out / "models" / dir_name(sel.id)
-            if full_model is None:  # one model object, overwritten in place for each elite
-                full_model = load_model(run_config.models / "base")
+            if full_model is None:  # one model object in the served dtype, overwritten in place for each elite
+                full_model = load_hf(base_dir, dtype=cfg.dtype)
             model, tokenizer = full_model
             bases.materialise_into(sel.genome, {k: p.data for k, p in model.named_parameters()})
             save_model(model, tokenizer, path, {"role": "elite", "elite": sel.id, "run": str(cfg.run)})
-            art = Artifact(sel, "full", path, scores, dict(scores))
+            # The archive's scores are of these very weights unless serving rounds them to another dtype.
+            rounded = not same_dtype and cfg.measure_truncation and scorer is not None
+            served = scorer({k: p.data for k, p in model.named_parameters()}) if rounded else dict(scores)  # type: ignore[misc]
+            art = Artifact(sel, "full", path, scores, served)
         out.append(art)
         if on_done:
             on_done(art)

@@ -7,6 +7,7 @@ does any process start.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from evolve.genome import Bases
 from evolve.run import EvolveConfig, RunState, load_run
 from serve.config import Selection, ServeConfig
 from serve.manifest import ServingManifest
-from serve.materialise import Artifact, Scorer, check_lora_rank, materialise, max_lora_rank
+from serve.materialise import Artifact, MaterialiseError, Scorer, check_lora_rank, materialise, max_lora_rank
 from serve.plan import Plan, make_plan, model_size
 from serve.select import Selected, select
 from serve.supervisor import Engine, ServeError, Supervisor, check_vllm, elite_entry, port_in_use
@@ -32,16 +33,24 @@ class Prepared:
 
     @property
     def base_model(self) -> Path:
-        return self.run_config.models / "base"
+        return self.run_config.resolved_population().base
 
 
 def prepare(cfg: ServeConfig) -> Prepared:
     """Select and plan (no weights written, nothing started)."""
     run_config, state, bases = load_run(cfg.run)
     selected = select(state, cfg.select)
-    total = check_lora_rank(bases, cfg.lora_rank) if cfg.mode == "lora" else None
-    size = model_size(run_config.models / "base", cfg.dtype, total)
+    base = run_config.resolved_population().base
+    total = None
+    if cfg.mode == "lora":
+        total = check_lora_rank(bases, cfg.lora_rank, base)
+    elif cfg.mode == "auto":
+        with contextlib.suppress(MaterialiseError):  # auto may still serve full weights
+            total = check_lora_rank(bases, cfg.lora_rank, base)
+    size = model_size(base, cfg.dtype, total)
     plan = make_plan(cfg, [s.id for s in selected], size, max_lora_rank=max_lora_rank(total) if total else None)
+    # From here on the config names the mode actually served (auto resolved), for materialise and the supervisor.
+    cfg = cfg.model_copy(update={"mode": plan.mode})
     return Prepared(cfg, run_config, state, bases, selected, plan)
 
 

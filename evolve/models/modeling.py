@@ -17,15 +17,14 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import SafetensorError
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from evolve.models.hf import ModelError, load_hf
 
 META_FILE = "cycleqd.json"
 WEIGHTS_FILE = "model.safetensors"
 
-
-class ModelError(Exception):
-    """A model directory that is missing, incomplete or not one of ours; the message names the file."""
+__all__ = ["META_FILE", "WEIGHTS_FILE", "ArchSpec", "ModelError", "load_model", "new_model", "read_meta", "save_model"]
 
 
 class ArchSpec(BaseModel):
@@ -94,24 +93,13 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def load_model(path: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """Load a model directory, turning every way it can be broken into a :class:`ModelError` naming the file."""
+    """Load a model directory written by ``cycleqd-evolve`` (it must carry ``cycleqd.json``), in float32.
+
+    Directories from elsewhere load with :func:`evolve.models.hf.load_hf`; both turn every way a directory can
+    be broken into a :class:`ModelError` naming the file.
+    """
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"{path}: no such model directory; create it with `cycleqd-evolve bootstrap`")
-    for name in ("config.json", WEIGHTS_FILE, "tokenizer.json"):
-        if not (path / name).is_file():
-            raise ModelError(f"{path / name}: missing; the model directory is incomplete, re-run bootstrap")
     read_meta(path)
-    try:
-        config = LlamaConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path / 'config.json'}: unreadable ({exc})") from exc
-    try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    except Exception as exc:  # the tokenizers library raises its own exception types
-        raise ModelError(f"{path / 'tokenizer.json'}: unreadable ({exc})") from exc
-    try:
-        model = LlamaForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
-    except (OSError, SafetensorError, RuntimeError, ValueError) as exc:
-        raise ModelError(f"{path / WEIGHTS_FILE}: corrupt or does not match config.json ({exc})") from exc
-    return model.eval(), tokenizer
+    return load_hf(path, dtype="float32")

@@ -86,3 +86,52 @@ def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_sta
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
         shutil.rmtree(short, ignore_errors=True)
+
+
+PLACEMENT_SCRIPT = """
+import json, sys
+from pathlib import Path
+from evolve.executors import RayExecutor, WorkerSpec
+spec = WorkerSpec(base_model=Path("unused"), dtype="bfloat16", device="cuda", svd_dir=Path("unused"),
+                  skills=("code", "os"), validation_items=1, seed=0, threads=1)
+ex = RayExecutor(spec, 2, sys.argv[1])
+print(json.dumps(ex.placements()))
+ex.close()
+"""
+
+
+@pytest.mark.slow
+def test_with_device_cuda_each_ray_actor_holds_its_own_gpu(tmp_path):
+    """Placement on a local cluster with two logical GPUs (``ray start --num-gpus 2``): each actor asks Ray for one
+    GPU, gets a different one, and sees only it (CUDA_VISIBLE_DEVICES), so its engine's ``cuda`` is that GPU. The
+    engines themselves need a real GPU (built on the first genome), which this machine lacks."""
+    pytest.importorskip("ray", reason="part of the dev extra")
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    short = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = dict(os.environ, RAY_TMPDIR=short, RAY_AUTH_MODE="disabled")
+    port = "6393"
+    started = subprocess.run(
+        [ray_bin, "start", "--head", "--num-cpus", "2", "--num-gpus", "2", "--port", port, "--include-dashboard",
+         "false", "--disable-usage-stats", "--temp-dir", short],
+        capture_output=True, text=True, env=env, timeout=180,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", PLACEMENT_SCRIPT, f"127.0.0.1:{port}"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        placements = json.loads(out.stdout.strip().splitlines()[-1])
+        gpus = [p["ray_gpu_ids"] for p in placements]
+        assert all(len(g) == 1 for g in gpus) and gpus[0] != gpus[1]
+        assert [p["cuda_visible"] for p in placements] == [g[0] for g in gpus]
+        assert all(p["device"] == "cuda:0" for p in placements)  # the one GPU each actor sees
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(short, ignore_errors=True)

@@ -55,10 +55,11 @@ def test_selecting_an_elite_the_run_lacks_names_what_it_has(mini_run):
 
 
 def test_lora_rank_beyond_the_model_is_refused(mini_run):
-    _, _, bases = load_run(mini_run)
-    assert check_lora_rank(bases, 4) == 12
+    config, _, bases = load_run(mini_run)
+    base = config.resolved_population().base
+    assert check_lora_rank(bases, 4, base) == 12
     with pytest.raises(MaterialiseError, match="at most 32"):
-        check_lora_rank(bases, 33)
+        check_lora_rank(bases, 33, base)
     assert max_lora_rank(12) == 16 and max_lora_rank(96) == 128
     with pytest.raises(MaterialiseError, match="mode: full"):
         max_lora_rank(600)
@@ -90,6 +91,38 @@ def test_lora_mode_runs_one_engine_per_device_and_refuses_what_does_not_fit():
     small = cfg.model_copy(update={"devices": [Device(memory_gib=2)]})
     with pytest.raises(PlanError, match=r"needs .* GiB but cpu has 2.00 GiB"):
         make_plan(small, ["a"], SIZE, max_lora_rank=16)
+
+
+def test_auto_mode_takes_full_weights_while_they_fit_and_lora_beyond():
+    cfg = ServeConfig(
+        mode="auto",
+        devices=[Device(kind="cuda", index=0, memory_gib=10)],
+        memory_utilization=1.0,
+        engine_overhead_gib=1,
+        kv_cache_gib=2,
+    )  # 4 GiB a full-weight engine: two fit
+    plan = make_plan(cfg, ["a", "b"], SIZE, max_lora_rank=16)
+    assert plan.mode == "full" and [e.mode for e in plan.engines] == ["full", "full"]
+    assert "full weights: 2 engines" in plan.reason
+    plan = make_plan(cfg, list("abcd"), SIZE, max_lora_rank=16)
+    assert plan.mode == "lora" and [e.elites for e in plan.engines] == [list("abcd")]
+    assert plan.reason.startswith("multi-LoRA: 4 full-weight engines") and "do not fit" in plan.reason
+    with pytest.raises(PlanError, match="LoRA cannot serve"):
+        make_plan(cfg, list("abcd"), SIZE, max_lora_rank=None)
+
+
+def test_model_size_comes_from_the_headers_in_the_served_dtype(mini_run):
+    from serve.plan import model_size
+
+    config, _, _ = load_run(mini_run)
+    base = config.resolved_population().base
+    from evolve.models.hf import load_hf
+
+    n = sum(p.numel() for p in load_hf(base)[0].parameters())
+    assert model_size(base, "float32", None).weights_bytes == 4 * n
+    assert model_size(base, "bfloat16", None).weights_bytes == 2 * n
+    assert model_size(base, "auto", None).weights_bytes == 4 * n  # the checkpoint is float32
+    assert model_size(base, "bfloat16", 8).adapter_bytes == 8 * model_size(base, "bfloat16", 1).adapter_bytes
 
 
 def test_manifest_round_trip_and_clear_errors(tmp_path):
