@@ -47,7 +47,7 @@ demo: $(STAMP)
 	trap 'kill -TERM $$serve $$router 2>/dev/null; wait' EXIT; \
 	$(VENV)/bin/cycleqd-serve wait --config configs/demo-serve.yaml --out $(DEMO_DIR)/serve --timeout 300; \
 	$(VENV)/bin/cycleqd-serve status --config configs/demo-serve.yaml --out $(DEMO_DIR)/serve; \
-	$(VENV)/bin/cycleqd-router serve --policy configs/demo-routing.yaml --manifest $(DEMO_DIR)/serve/manifest.json --port 8000 & router=$$!; \
+	CYCLEQD_ENGINE_KEY_FILE=$(DEMO_DIR)/serve/engine.key $(VENV)/bin/cycleqd-router serve --policy configs/demo-routing.yaml --manifest $(DEMO_DIR)/serve/manifest.json --port 8000 & router=$$!; \
 	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8000/health && break; sleep 1; done; \
 	$(VENV)/bin/cycleqd-router demo --url http://127.0.0.1:8000/v1 --per-skill 4
 

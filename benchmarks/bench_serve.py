@@ -29,8 +29,9 @@ from serve.service import build_supervisor, preflight, prepare
 from serve.supervisor import rss_gib
 
 
-async def throughput(url: str, models: list[str], prompts: list[str], n: int, conc: int) -> float:
-    async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+async def throughput(engine, models: list[str], prompts: list[str], n: int, conc: int) -> float:
+    url = engine.url
+    async with httpx.AsyncClient(timeout=300, trust_env=False, headers=engine.auth) as client:
         sem = asyncio.Semaphore(conc)
 
         async def one(i: int) -> None:
@@ -72,11 +73,11 @@ def main() -> None:
         engine = next(iter(sup.engines.values()))
         elites = [e.id for e in sup.manifest.elites]
         rss0 = rss_gib(engine.proc.pid)
-        rps_base = asyncio.run(throughput(engine.url, ["base"], prompts, args.requests, args.concurrency))
+        rps_base = asyncio.run(throughput(engine, ["base"], prompts, args.requests, args.concurrency))
         rss_base = rss_gib(engine.proc.pid)
-        rps_1 = asyncio.run(throughput(engine.url, elites[:1], prompts, args.requests, args.concurrency))
+        rps_1 = asyncio.run(throughput(engine, elites[:1], prompts, args.requests, args.concurrency))
         rss_1 = rss_gib(engine.proc.pid)
-        rps_8 = asyncio.run(throughput(engine.url, elites[:8], prompts, args.requests, args.concurrency))
+        rps_8 = asyncio.run(throughput(engine, elites[:8], prompts, args.requests, args.concurrency))
         rss_8 = rss_gib(engine.proc.pid)
     finally:
         sup.shutdown()
@@ -86,7 +87,7 @@ def main() -> None:
     sup, t_full = start(full_cfg)
     try:
         engine = next(iter(sup.engines.values()))
-        rps_full = asyncio.run(throughput(engine.url, [elites[0]], prompts, args.requests, args.concurrency))
+        rps_full = asyncio.run(throughput(engine, [elites[0]], prompts, args.requests, args.concurrency))
         rss_full = rss_gib(engine.proc.pid)
     finally:
         sup.shutdown()

@@ -149,7 +149,8 @@ def run(
         def on_generation(info: dict) -> None:
             progress.update(task, advance=1, quality=ev.quality_skill(info["generation"] + 1), archives=summary())
 
-        ev.run(on_generation)
+        with user_errors():  # a save that fails (full disk, read-only directory) ends the run with its message
+            ev.run(on_generation)
     from evolve.plots import heatmaps
 
     maps = heatmaps(ev.state.archives, out / "heatmaps")

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,13 +187,23 @@ class RunState:
         }
         tensors = {f"genome/{k}": v.contiguous() for k, v in self.genomes.items()}
         tensors["rng/torch"] = self.torch_gen.get_state()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            os.close(fd)
             save_file(tensors, tmp, metadata={"state": json.dumps(meta, default=_json_default)})
             os.replace(tmp, path)
+        except (OSError, SafetensorError) as exc:  # a full disk, a read-only or vanished directory
+            if tmp:
+                with suppress(OSError):
+                    Path(tmp).unlink(missing_ok=True)
+            raise RunError(
+                f"{path}: cannot save generation {self.generation} ({_io_reason(exc)}); the state saved before it is "
+                f"unchanged. Free space or make {path.parent} writable, then continue with --resume"
+            ) from exc
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
             raise
 
     @classmethod
@@ -241,6 +252,14 @@ class ExpertWeights(Mapping[str, dict[str, torch.Tensor]]):
 
     def __len__(self) -> int:
         return len(self.skills)
+
+
+def _io_reason(exc: Exception) -> str:
+    """The operating system's words for a failed write (safetensors wraps them in a Rust debug string)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    found = re.search(r"os error (\d+)", str(exc))
+    return os.strerror(int(found.group(1))) if found else str(exc)
 
 
 def _json_default(o: Any) -> Any:

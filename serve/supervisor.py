@@ -10,6 +10,13 @@ to a cap, and marked ``failed`` after ``max_restarts``; a live one that stops an
 In multi-LoRA mode, elites can be added or removed at run time through vLLM's LoRA load/unload endpoints
 (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``); the engine keeps serving the others, and a later restart of that engine
 brings the current set back.
+
+Every engine requires an API key on its ``/v1`` routes (vLLM's ``--api-key``, given as ``VLLM_API_KEY`` so that it
+appears in neither the process list nor the engine's log): ``CYCLEQD_ENGINE_KEY``, else the contents of the file
+named by ``CYCLEQD_ENGINE_KEY_FILE``, else one generated for this run and written (mode 0600) to
+``<out>/engine.key``, the file to give the router. The key is never written to the manifest. Only key holders (the
+router, this supervisor) can reach the models, and the runtime LoRA endpoints, which load a directory named in the
+request, are guarded by it too; the supervisor itself loads only adapters inside its own output directory.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -34,6 +42,9 @@ from serve.materialise import Artifact
 from serve.plan import GIB, EnginePlan
 
 BASE_SERVED_NAME = "base"
+ENGINE_KEY_ENV = "CYCLEQD_ENGINE_KEY"
+ENGINE_KEY_FILE_ENV = "CYCLEQD_ENGINE_KEY_FILE"
+GENERATED_KEY_FILE = "engine.key"
 
 
 class ServeError(RuntimeError):
@@ -64,6 +75,33 @@ def check_vllm(python: str) -> None:
         )
 
 
+def resolve_engine_key(out: Path) -> str:
+    """The engines' API key: from the environment, from a file, or generated for this run (see the module doc)."""
+    if key := os.environ.get(ENGINE_KEY_ENV, "").strip():
+        return key
+    if name := os.environ.get(ENGINE_KEY_FILE_ENV, "").strip():
+        try:
+            key = Path(name).read_text().strip()
+        except OSError as exc:
+            raise ServeError(
+                f"{ENGINE_KEY_FILE_ENV}={name}: cannot read the engines' API key ({exc.strerror}); point it at a "
+                f"readable file holding the key, or set {ENGINE_KEY_ENV} instead"
+            ) from exc
+        if not key:
+            raise ServeError(f"{name} ({ENGINE_KEY_FILE_ENV}) is empty: write the engines' API key into it")
+        return key
+    key = secrets.token_urlsafe(32)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / GENERATED_KEY_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    os.replace(tmp, path)
+    return key
+
+
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in the child (no dlopen between fork and exec)
 
 
@@ -84,6 +122,7 @@ class Engine:
     restarts: int = 0
     next_start: float = 0.0
     failed_checks: int = 0
+    api_key: str = field(default="", repr=False)
 
     @property
     def url(self) -> str:
@@ -119,7 +158,11 @@ class Engine:
         return cmd + list(cfg.extra_engine_args)
 
     def env(self, cfg: ServeConfig) -> dict[str, str]:
-        env = dict(os.environ)
+        secrets_ = (cfg.admin_key_env, ENGINE_KEY_ENV, ENGINE_KEY_FILE_ENV)
+        env = {k: v for k, v in os.environ.items() if k not in secrets_}  # an engine needs none of them
+        if not self.api_key:
+            raise ServeError(f"{self.plan.id} has no API key; engines never start unguarded")
+        env["VLLM_API_KEY"] = self.api_key  # vLLM's --api-key, kept off the command line and out of the log
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env.setdefault("VLLM_CACHE_ROOT", str(Path(".cache/vllm").resolve()))
         env.setdefault("HF_HUB_OFFLINE", "1")
@@ -151,9 +194,13 @@ class Engine:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
     def answers(self, timeout: float = 2.0) -> bool:
         try:
-            return httpx.get(f"{self.local_url}/health", timeout=timeout).status_code == 200
+            return httpx.get(f"{self.local_url}/health", headers=self.auth, timeout=timeout).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -201,6 +248,19 @@ class Supervisor:
         self.materialise_one = materialise_one
         self.lock = threading.RLock()
         self.stop_event = threading.Event()
+        self.adding: set[str] = set()  # elites being materialised for add_elite (outside the lock)
+        for e in engines:
+            for path in e.adapters.values():
+                self._check_adapter_path(path)
+
+    def _check_adapter_path(self, path: Path) -> Path:
+        """Adapters are loaded only from this supervisor's output directory, where it wrote them itself."""
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.cfg.out.resolve()):
+            raise ServeError(
+                f"adapter {path} is outside the serve output directory {self.cfg.out}; refusing to load it"
+            )
+        return resolved
 
     # -- start-up --------------------------------------------------------------------------------------------
     def start(self, on_ready: Callable[[Engine, float], None] | None = None) -> dict[str, float]:
@@ -210,6 +270,9 @@ class Supervisor:
         """
         t0 = time.monotonic()
         ready_at: dict[str, float] = {}
+        key = resolve_engine_key(self.cfg.out)
+        for e in self.engines.values():
+            e.api_key = key
         try:
             for e in self.engines.values():
                 e.start(self.cfg)
@@ -285,30 +348,51 @@ class Supervisor:
 
     # -- run-time changes ------------------------------------------------------------------------------------
     def add_elite(self, elite_id: str) -> EliteEntry:
-        """Materialise ``elite_id`` as an adapter and load it into the least-loaded ready engine."""
+        """Materialise ``elite_id`` as an adapter and load it into the least-loaded ready engine.
+
+        Materialisation and scoring (minutes on a real model) run without the supervisor lock, so health checks,
+        restarts and ``/manifest`` carry on meanwhile; the lock is taken to check, and again to load and publish.
+        """
         with self.lock:
-            if any(el.id == elite_id for el in self.manifest.elites):
-                raise ServeError(f"elite {elite_id!r} is already served")
-            lora = [e for e in self.engines.values() if e.plan.mode == "lora" and e.health == Health.READY]
-            if not lora:
-                raise ServeError("adding an elite at run time needs mode: lora and a ready engine")
+            self._check_can_add(elite_id)
             if self.materialise_one is None:
                 raise ServeError("this supervisor cannot materialise elites")
+            self.adding.add(elite_id)
+        try:
             art = self.materialise_one(elite_id)
-            engine = min(lora, key=lambda e: len(e.adapters))
-            r = httpx.post(
-                f"{engine.local_url}/v1/load_lora_adapter",
-                json={"lora_name": elite_id, "lora_path": str(art.path.resolve())},
-                timeout=120,
-            )
-            if r.status_code != 200:
-                raise ServeError(f"{engine.plan.id} refused adapter {elite_id!r}: HTTP {r.status_code} {r.text[:300]}")
-            engine.adapters[elite_id] = art.path.resolve()
-            engine.plan.elites.append(elite_id)
-            entry = elite_entry(art, engine)
-            self.manifest.elites.append(entry)
-            self._write()
-            return entry
+            path = self._check_adapter_path(art.path)
+            with self.lock:
+                self.adding.discard(elite_id)
+                lora = self._check_can_add(elite_id)
+                engine = min(lora, key=lambda e: len(e.adapters))
+                r = httpx.post(
+                    f"{engine.local_url}/v1/load_lora_adapter",
+                    json={"lora_name": elite_id, "lora_path": str(path)},
+                    headers=engine.auth,
+                    timeout=120,
+                )
+                if r.status_code != 200:
+                    raise ServeError(
+                        f"{engine.plan.id} refused adapter {elite_id!r}: HTTP {r.status_code} {r.text[:300]}"
+                    )
+                engine.adapters[elite_id] = path
+                engine.plan.elites.append(elite_id)
+                entry = elite_entry(art, engine)
+                self.manifest.elites.append(entry)
+                self._write()
+                return entry
+        finally:
+            with self.lock:
+                self.adding.discard(elite_id)
+
+    def _check_can_add(self, elite_id: str) -> list[Engine]:
+        """The ready multi-LoRA engines, when ``elite_id`` can be added (call with the lock held)."""
+        if any(el.id == elite_id for el in self.manifest.elites) or elite_id in self.adding:
+            raise ServeError(f"elite {elite_id!r} is already served or being added")
+        lora = [e for e in self.engines.values() if e.plan.mode == "lora" and e.health == Health.READY]
+        if not lora:
+            raise ServeError("adding an elite at run time needs mode: lora and a ready engine")
+        return lora
 
     def remove_elite(self, elite_id: str) -> None:
         with self.lock:
@@ -318,7 +402,12 @@ class Supervisor:
             engine = self.engines[entry.engine_id]
             if engine.plan.mode != "lora":
                 raise ServeError(f"elite {elite_id!r} has its own full-weight engine; removing it needs a restart")
-            r = httpx.post(f"{engine.local_url}/v1/unload_lora_adapter", json={"lora_name": elite_id}, timeout=60)
+            r = httpx.post(
+                f"{engine.local_url}/v1/unload_lora_adapter",
+                json={"lora_name": elite_id},
+                headers=engine.auth,
+                timeout=60,
+            )
             if r.status_code != 200:
                 raise ServeError(
                     f"{engine.plan.id} refused to unload {elite_id!r}: HTTP {r.status_code} {r.text[:300]}"

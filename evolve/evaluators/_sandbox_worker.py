@@ -13,14 +13,26 @@ Layers, outermost first (any one of them stops the attacks in the test-suite on 
    the jobs are read;
 5. an AST allow-list: no imports, no names or attributes starting with ``_``, no try/with/class/global;
 6. restricted builtins: a short list of pure functions, no ``open``, ``getattr``, ``__import__``, ``eval``.
+
+Each answer's objects are torn down (and a garbage collection run) *before* its result line is written: an
+answer that crashes the interpreter while its objects are freed (a million nested ``enumerate`` objects
+overflow the C stack on deallocation) then dies without a result and is charged for it, instead of the next
+answer, during which the collection would otherwise have happened.
 """
 
 import ast
+import gc
+import io
 import json
 import os
 import resource
 import signal
 import sys
+import tokenize
+
+# The parser imports unicodedata to NFKC-normalise non-ASCII identifiers; the audit hook would veto that import
+# while an answer is parsed, so it is loaded here, while imports are still allowed.
+import unicodedata
 
 SAFE_BUILTINS = {
     name: getattr(__builtins__, name) if not isinstance(__builtins__, dict) else __builtins__[name]
@@ -66,10 +78,34 @@ def check(tree: ast.AST) -> None:
             raise Rejected("decorators are not allowed")
 
 
+def check_identifiers(code: str) -> None:
+    """Refuse identifiers that Python would read as other letters (homoglyph tricks), saying so.
+
+    Python NFKC-normalises identifiers, so ``ｅｖａｌ`` (fullwidth letters) *is* ``eval`` to the interpreter while
+    looking different to a reader or a text filter. The AST check sees the normalised names anyway; refusing
+    them here says why, while names that are already normal (``é``) are accepted like ASCII ones.
+    """
+    if code.isascii():
+        return
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return  # the parser reports the syntax error
+    for tok in tokens:
+        if tok.type == tokenize.NAME:
+            normal = unicodedata.normalize("NFKC", tok.string)
+            if normal != tok.string:
+                raise Rejected(
+                    f"identifier {tok.string!r} is written with look-alike characters (Python reads it as "
+                    f"{normal!r}); write it with plain letters"
+                )
+
+
 def build(code: str, argnames: list) -> object:
     """Turn an answer (a ``def``, a ``lambda`` or a bare expression over ``argnames``) into a callable."""
     if len(code) > MAX_CODE_CHARS:
         raise Rejected("answer too long")
+    check_identifiers(code)
     try:
         tree = ast.parse(code, mode="eval")
         if not isinstance(tree.body, ast.Lambda):
@@ -146,23 +182,34 @@ def main() -> None:
         signal.setitimer(signal.ITIMER_REAL, seconds)
         UNTRUSTED[0] = True
         try:
-            fn = build(job["code"], job["argnames"])
-            outputs = []
-            for call in job["calls"]:
-                text = repr(fn(*call))
-                if len(text) > max_output:
-                    raise Rejected("output too large")
-                outputs.append(text)
-            result = {"ok": True, "outputs": outputs}
+            result = run_job(job, max_output)
+            # Free everything the answer made (its function and globals form a cycle) before reporting it, so
+            # that a crash on deallocation is this answer's, not the next one's.
+            gc.collect()
         except JobTimeout:
             result = {"ok": False, "error": "timeout"}
-        except BaseException as exc:  # everything an answer can raise is its own failure
-            result = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         finally:
             UNTRUSTED[0] = False
             signal.setitimer(signal.ITIMER_REAL, 0)
         out.write(dumps(result) + "\n")
         out.flush()
+
+
+def run_job(job: dict, max_output: int) -> dict:
+    """Run one answer; everything it made is local here, so it is unreachable once this returns."""
+    try:
+        fn = build(job["code"], job["argnames"])
+        outputs = []
+        for call in job["calls"]:
+            text = repr(fn(*call))
+            if len(text) > max_output:
+                raise Rejected("output too large")
+            outputs.append(text)
+        return {"ok": True, "outputs": outputs}
+    except JobTimeout:
+        return {"ok": False, "error": "timeout"}
+    except BaseException as exc:  # everything an answer can raise is its own failure
+        return {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
 if __name__ == "__main__":

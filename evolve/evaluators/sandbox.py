@@ -2,7 +2,9 @@
 
 One process per *batch* rather than per answer keeps grading fast enough for evolution (hundreds of answers a
 second); an answer that kills its worker (CPU or memory bomb) costs only itself: the parent keeps the results
-already streamed back, scores the culprit zero and starts a fresh worker for the rest. What the worker does to
+already streamed back, scores the culprit zero and starts a fresh worker for the rest. An answer whose worker
+died after others had run in it is re-run alone on a fresh worker first, so that a crash left behind by an
+earlier answer is never charged to it. What the worker does to
 confine itself is documented in ``_sandbox_worker.py``.
 """
 
@@ -52,7 +54,13 @@ def run(jobs: Sequence[Job], limits: Limits = Limits()) -> list[Outcome]:
         results.extend(done)
         pending = pending[len(done) :]
         if pending and crashed:
-            results.append(Outcome(False, error=crashed))
+            if done:
+                # Earlier answers ran in that worker: re-run this one alone on a fresh worker, so that what they
+                # left behind can never be charged to it.
+                alone, crashed_alone = _run_worker(pending[:1], limits)
+                results.append(alone[0] if alone else Outcome(False, error=crashed_alone))
+            else:
+                results.append(Outcome(False, error=crashed))
             pending = pending[1:]
     return results
 

@@ -31,6 +31,7 @@ from serve.manifest import Health, load_manifest
 pytestmark = pytest.mark.slow
 
 KEY = "test-admin-key"
+ENGINE_KEY = "test-engine-key"  # what the router presents to the engines (CYCLEQD_ENGINE_KEY)
 RANK = 4
 
 
@@ -49,7 +50,9 @@ def _start(tmp_path: Path, mini_run: Path, **settings) -> tuple[subprocess.Popen
     cfg = {"run": str(mini_run), "out": str(tmp_path / "serve"), "lora_rank": RANK, "port": port, "admin_port": admin}
     cfg |= {"restart": {"backoff_s": 0.5}, "health_interval_s": 0.5, "kv_cache_gib": 1, **settings}
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, CYCLEQD_ADMIN_KEY=KEY, VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"))
+    env = dict(
+        os.environ, CYCLEQD_ADMIN_KEY=KEY, CYCLEQD_ENGINE_KEY=ENGINE_KEY, VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache")
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve", "run", "--config", str(tmp_path / "serve.yaml")],
         env=env,
@@ -79,7 +82,7 @@ def _admin_cli(verb: str, elite: str, config: Path) -> subprocess.CompletedProce
 
 
 def _served_text(endpoint: str, model: str, prompts: list[str]) -> list[str]:
-    client = openai.OpenAI(base_url=endpoint, api_key="unused")
+    client = openai.OpenAI(base_url=endpoint, api_key=ENGINE_KEY)
     out = []
     for p in prompts:
         r = client.completions.create(model=model, prompt=p, max_tokens=24, temperature=0)
@@ -137,8 +140,19 @@ def test_multi_lora_engine_serves_adds_restarts_and_stops(tmp_path, mini_run):
             )
             assert _served_text(elite.endpoint, elite.served_model_name, prompts) == want, elite.id
 
-        # add an elite at run time (admin key required), served like the others; then remove it
+        # the engine answers only key holders, and nobody but the supervisor loads adapters into it
+        engine_url = m.engines[0].url
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{engine_url}/v1", api_key="wrong", max_retries=0).models.list()
         extra = next(e for e in sorted(state.genomes) if e not in served)
+        sneaky = httpx.post(
+            f"{engine_url}/v1/load_lora_adapter", json={"lora_name": extra, "lora_path": str(tmp_path)}, timeout=30
+        )
+        assert sneaky.status_code == 401
+        for text in (manifest_path.read_text(), (tmp_path / "serve" / "logs" / "engine-0.log").read_text()):
+            assert ENGINE_KEY not in text
+
+        # add an elite at run time (admin key required), served like the others; then remove it
         admin = f"http://127.0.0.1:{cfg['admin_port']}"
         assert (
             httpx.post(f"{admin}/elites", json={"id": extra}, headers={"Authorization": "Bearer wrong"}).status_code

@@ -72,22 +72,31 @@ class CodeTask(SkillTask):
             # The gold answer is our own code: evaluating it in-process is safe and saves a sandbox round trip.
             gold = eval(item.answer)  # noqa: S307
             expected.append(tuple(repr(gold(*c)) for c in calls))
-            jobs.append(sandbox.Job(extract_code(answer), (arg,), calls))
+            try:
+                code = extract_code(answer)
+            except Exception:  # a grader never raises: an answer we cannot even read scores zero in the sandbox
+                code = ""
+            jobs.append(sandbox.Job(code, (arg,), calls))
         outcomes = sandbox.run(jobs, self.limits)
         return [float(o.ok and o.outputs == e) for o, e in zip(outcomes, expected, strict=True)]
 
 
 def extract_code(answer: str) -> str:
-    """The answer's code: its first line, plus the indented body when that line starts a ``def``."""
+    """The answer's code: its first line, plus the indented body when that line starts a ``def``.
+
+    The ``def`` line is found the way :func:`first_line` reads lines (fences, backticks and an echoed
+    ``Answer:`` stripped), so ``Answer: def f(x): return x`` is the one-line function it looks like.
+    """
     head = first_line(answer)
     if not head.startswith("def "):
         return head
-    lines = answer.replace("```python", "```").split("```")[1 if answer.strip().startswith("```") else 0]
-    lines = lines.strip("\n").splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.strip().startswith("def "))
-    body = [lines[start].strip()]
+    lines = answer.splitlines()
+    start = next((i for i, ln in enumerate(lines) if first_line(ln) == head), None)
+    if start is None:
+        return head
+    body = [head]
     for ln in lines[start + 1 :]:
-        if ln.strip() and not ln[:1].isspace() and not ln.lstrip().startswith("def "):
+        if ln.strip().startswith("```") or (ln.strip() and not ln[:1].isspace() and not ln.startswith("def ")):
             break
         body.append(ln.rstrip())
     return "\n".join(body).strip()

@@ -2,7 +2,7 @@
 
 Mirrors the paper's database task (AgentBench DB). The database is built in memory from a seed, then opened
 read-only for answers (``PRAGMA query_only``, an authorizer that allows reads only, a step budget as time
-limit). An answer scores 1 when its result set equals the gold query's: as a multiset, or in order when the
+limit, SQLite's length limit and a cap on the result's size for memory). An answer scores 1 when its result set equals the gold query's: as a multiset, or in order when the
 gold query orders its rows; floats compare to 6 decimals.
 """
 
@@ -25,6 +25,12 @@ CREATE TABLE employees (id INTEGER PRIMARY KEY, name TEXT, dept TEXT, city TEXT,
 CREATE TABLE departments (name TEXT PRIMARY KEY, floor INTEGER, budget INTEGER);
 """
 MAX_STEPS = 200_000  # sqlite VM instructions: far above any reasonable query on this data, far below a hang
+# Memory bounds for model-written SQL, which runs in the evolution process: no string or blob above MAX_LENGTH
+# bytes can be made (``randomblob(200000000)`` fails instead of allocating), and a result larger than
+# MAX_ROWS rows or MAX_RESULT_BYTES is refused while it is fetched. The data's answers are at most 50 short rows.
+MAX_LENGTH = 100_000
+MAX_ROWS = 1_000
+MAX_RESULT_BYTES = 1_000_000
 
 # name -> (level, gold SQL, phrasings). {d} dept, {c} city, {n} {m} numbers.
 SPECS: dict[str, tuple[int, str, tuple[str, ...]]] = {
@@ -58,6 +64,8 @@ def build_database(seed: int = 11) -> sqlite3.Connection:
     for floor, dept in enumerate(DEPTS, 1):
         conn.execute("INSERT INTO departments VALUES (?, ?, ?)", (dept, (floor + 1) // 2, rng.randrange(100, 900)))
     conn.commit()
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_LENGTH)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_LENGTH)
     conn.execute("PRAGMA query_only = ON")
     conn.set_authorizer(_read_only)
     return conn
@@ -115,11 +123,20 @@ class DbTask(SkillTask):
             return 1 if steps[0] > MAX_STEPS // 1000 else 0
 
         self.conn.set_progress_handler(budget, 1000)
+        rows: list[tuple] = []
+        size = 0
+        cursor = self.conn.cursor()
         try:
-            rows = self.conn.execute(sql).fetchall()
-        except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError):
+            cursor.execute(sql)
+            while batch := cursor.fetchmany(100):
+                rows.extend(batch)
+                size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for row in batch for v in row)
+                if len(rows) > MAX_ROWS or size > MAX_RESULT_BYTES:
+                    return None
+        except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError, MemoryError):
             return None
         finally:
+            cursor.close()
             self.conn.set_progress_handler(None, 0)
         return [tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows]
 
@@ -127,7 +144,10 @@ class DbTask(SkillTask):
         scores = []
         for item, answer in zip(items, answers, strict=True):
             want = self._run(item.answer)
-            got = self._run(first_line(answer).rstrip(";"))
+            try:
+                got = self._run(first_line(answer).rstrip(";"))
+            except Exception:  # a grader never raises: whatever SQLite or the driver trips over scores zero
+                got = None
             if got is None or want is None:
                 scores.append(0.0)
             elif "ORDER BY" in item.answer:

@@ -77,7 +77,11 @@ class ShellTask(SkillTask):
         scores = []
         for item, answer in zip(items, answers, strict=True):
             want = self.shell.run(item.answer)
-            got = self.shell.run(first_line(answer))
+            try:
+                got = self.shell.run(first_line(answer))
+            except Exception:  # a grader never raises: whatever the simulated shell trips over scores zero
+                scores.append(0.0)
+                continue
             scores.append(float(got.status == want.status and _normal(got.stdout) == _normal(want.stdout)))
         return scores
 

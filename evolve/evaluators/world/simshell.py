@@ -3,6 +3,10 @@
 It implements the subset the ``os`` skill asks for (ls, cat, grep, wc, head, tail, sort, uniq, find, echo and
 pipes) with GNU-compatible output, so that answers a person would type score the same as they would in bash.
 Anything outside that subset (redirection, ``;``, ``&&``, substitutions) is an error, not a silent no-op.
+
+``grep`` patterns are model-written, so they run on RE2 (``google-re2``), which matches in time linear in the
+input: a pattern such as ``(a*)*b`` cannot backtrack catastrophically in the evolution process, as it would
+with Python's ``re``. What RE2 does not support (backreferences, lookaround) is a grep error, exit status 2.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import random
 import re
 import shlex
 from dataclasses import dataclass
+
+import re2
 
 WORDS = ("error", "warn", "info", "disk", "user", "login", "cache", "net", "boot", "sync", "mail", "queue")
 DIRS = ("/home/ann", "/home/bob", "/var/log", "/etc", "/srv/data", "/srv/www", "/opt/tools")
@@ -29,6 +35,8 @@ FILES = tuple(
     for f in names
 )
 MAX_PIPELINE = 8
+MAX_PATTERN_CHARS = 1000
+RE2_MAX_MEM = 8 * 2**20  # bytes RE2 may use for one compiled pattern; a larger one is refused, not compiled
 
 
 class ShellError(Exception):
@@ -39,6 +47,7 @@ class ShellError(Exception):
 class Result:
     stdout: str
     status: int
+    error: str = ""  # why the command failed (status 2), as a shell would say it on stderr
 
 
 def default_files(seed: int = 7) -> dict[str, str]:
@@ -71,8 +80,8 @@ class Shell:
             for i, argv in enumerate(stages):
                 data, status = self._command(argv, data if i else None)
             return Result(data, status)
-        except ShellError:
-            return Result("", 2)
+        except ShellError as exc:
+            return Result("", 2, str(exc))
 
     # -- parsing --------------------------------------------------------------------------------------------
     def _parse(self, line: str) -> list[list[str]]:
@@ -205,14 +214,7 @@ class Shell:
         if not rest:
             raise ShellError("grep: no pattern")
         pattern, ops = rest[0], rest[1:]
-        if "F" in flags:
-            pattern = re.escape(pattern)
-        if "w" in flags:
-            pattern = rf"\b(?:{pattern})\b"
-        try:
-            rx = re.compile(pattern, re.IGNORECASE if "i" in flags else 0)
-        except re.error as exc:
-            raise ShellError(f"grep: bad pattern: {exc}") from exc
+        rx = _grep_pattern(pattern, ignore_case="i" in flags, fixed="F" in flags, words="w" in flags)
         inputs = self._inputs(ops, stdin)
         out, total = [], 0
         for name, text in inputs:
@@ -275,6 +277,25 @@ class Shell:
                 continue
             out.append(shown_root + p[len(root.rstrip("/")) :] if p != root else shown_root)
         return "".join(x + "\n" for x in out), 0
+
+
+def _grep_pattern(pattern: str, *, ignore_case: bool, fixed: bool, words: bool) -> re2._Regexp:
+    """Compile a grep pattern with RE2; a pattern RE2 refuses is a grep error (status 2), never a fallback."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ShellError("grep: pattern too long")
+    if fixed:
+        pattern = re2.escape(pattern)
+    if words:
+        pattern = rf"\b(?:{pattern})\b"
+    options = re2.Options()
+    options.case_sensitive = not ignore_case
+    options.log_errors = False
+    options.max_mem = RE2_MAX_MEM
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ShellError(f"grep: pattern not supported by RE2 (no backreferences or lookaround): {reason}") from exc
 
 
 def _lines(text: str) -> list[str]:

@@ -173,3 +173,18 @@ def test_process_layers_hold_without_the_ast_check(tmp_path, listener):
     assert not target.exists()
     with pytest.raises(TimeoutError):
         listener.accept()
+
+
+# Runs normally, but freeing its default argument (a million nested enumerate objects) overflows the C stack.
+CRASH_ON_FREE = (
+    "def mk(n):\n    e = []\n    for i in range(n):\n        e = enumerate(e)\n    return e\n"
+    "def f(x, d=mk(600000)):\n    return x"
+)
+
+
+def test_a_crash_while_freeing_an_answer_is_charged_to_that_answer():
+    """Before, the crash came during the next answer (when its cycle was collected) and scored *it* zero."""
+    honest = Job("lambda x: len([[v] for v in range(100000)]) + x", ("x",), ((1,),))
+    outcomes = sandbox.run([Job(CRASH_ON_FREE, ("x",), ((1,),)), *[honest] * 5], Limits(seconds_per_job=2.0))
+    assert not outcomes[0].ok and "SIGSEGV" in outcomes[0].error
+    assert [o.outputs for o in outcomes[1:]] == [("100001",)] * 5

@@ -52,3 +52,19 @@ def test_writes_and_runaway_queries_score_zero_and_change_nothing(task, sql):
     assert task.grade([item], [sql]) == [0.0]
     assert task.conn.execute("SELECT COUNT(*) FROM employees").fetchone()[0] == len(NAMES)
     assert task.grade([item], [item.answer]) == [1.0]
+
+
+def test_huge_values_are_refused_before_they_are_allocated(task):
+    """``randomblob(200000000)`` used to allocate 200 MB in the evolution process; SQLite's length limit stops it."""
+    assert task._run("SELECT length(randomblob(1000))") == [(1000,)]
+    assert task._run("SELECT length(randomblob(20000000))") is None
+    assert task._run("SELECT length(zeroblob(20000000))") is None
+    item = _item(task, "count_older")
+    assert task.grade([item, item], ["SELECT randomblob(200000000)", item.answer]) == [0.0, 1.0]
+
+
+def test_huge_results_are_refused_while_fetched(task):
+    # 2,500 rows of 40 KB each: 100 MB if fetched whole; refused after the first ~1 MB
+    assert task._run("SELECT hex(randomblob(20000)) FROM employees a, employees b") is None
+    assert task._run("SELECT a.id FROM employees a, employees b") is None  # 2,500 rows > MAX_ROWS
+    assert len(task._run("SELECT a.id FROM employees a, employees b WHERE a.id < 10")) == 9 * len(NAMES)

@@ -51,3 +51,28 @@ def test_shell_matches_gnu_output():
 def test_unsupported_or_dangerous_lines_are_errors(line):
     result = Shell().run(line)
     assert result.status != 0 and result.stdout in ("", "$(whoami)\n")
+
+
+@pytest.mark.timeout(20)
+def test_model_written_regexes_cannot_backtrack_catastrophically():
+    """With Python's re, ``(a*)*b`` against 40 a's and a '!' takes hours; RE2 matches in linear time."""
+    sh = Shell()
+    assert sh.run("echo " + "a" * 40 + "! | grep '(a*)*b'") == sh.run("echo x | grep b")
+    assert sh.run("echo " + "a" * 40 + "b | grep -c '(a*)*b'").stdout == "1\n"
+
+
+@pytest.mark.parametrize("pattern", [r"'(a)\1'", "'(?=error)'", "'(?<!x)error'"])
+def test_patterns_re2_cannot_run_are_grep_errors_with_a_reason(task, pattern):
+    result = Shell().run(f"grep {pattern} /var/log/syslog.log")
+    assert result.status == 2 and result.stdout == ""
+    assert "RE2" in result.error
+    item = _item(task, "grep")
+    assert task.grade([item], [f"grep {pattern} {item.params[0]}"]) == [0.0]
+
+
+def test_grep_flags_still_work_on_re2():
+    sh = Shell({"/d/a.txt": "Error here\nerrors\nan error.\na.b\n"})
+    assert sh.run("grep -i ERROR /d/a.txt").stdout == "Error here\nerrors\nan error.\n"
+    assert sh.run("grep -w error /d/a.txt").stdout == "an error.\n"
+    assert sh.run("grep -F a.b /d/a.txt").stdout == "a.b\n"
+    assert sh.run("grep -c 'err(or)?s$' /d/a.txt").stdout == "1\n"
