@@ -153,8 +153,8 @@ def load_source(source: Source, dtype: torch.dtype | None) -> tuple[Any, Any]:
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if dtype is not None:
-        model = model.to(dtype)
+    if dtype is not None and model.dtype != dtype:  # from_pretrained casts (keeping float32 rotary buffers)
+        raise ImportSourceError(f"{culprit}: loaded as {model.dtype}, not the requested {dtype}")
     return model.eval(), tokenizer
 
 
@@ -169,20 +169,21 @@ def check_ids(tokenizer: Any) -> list[int]:
 
 
 @torch.no_grad()
-def verify(model: Any, tokenizer: Any, directory: Path) -> float:
+def verify(model: Any, tokenizer: Any, directory: Path, name: Path) -> float:
     """Load ``directory`` back with plain transformers and compare tokenization and logits with ``model``;
-    returns the largest absolute logit difference (0 when the weights round-tripped exactly)."""
+    returns the largest absolute logit difference (0 when the weights round-tripped exactly). ``name`` is what
+    errors call the directory (its final place, not the temporary one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok2 = AutoTokenizer.from_pretrained(directory)
     ids = check_ids(tokenizer)
     if check_ids(tok2) != ids:
-        raise ImportSourceError(f"{directory}: the saved tokenizer encodes the check prompt differently")
+        raise ImportSourceError(f"{name}: the saved tokenizer encodes the check prompt differently")
     model2 = AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype).eval()
     x = torch.tensor([ids])
     diff = float((model(x).logits.float() - model2(x).logits.float()).abs().max())
     if not diff <= 1e-4:
-        raise ImportSourceError(f"{directory}: loaded back, its logits differ from the source's by {diff:.3g}")
+        raise ImportSourceError(f"{name}: loaded back, its logits differ from the source's by {diff:.3g}")
     return diff
 
 
@@ -216,7 +217,7 @@ def import_model(spec: str, out: Path, *, dtype: Dtype | None = None, force: boo
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        meta["max_logit_diff"] = verify(model, tokenizer, tmp)
+        meta["max_logit_diff"] = verify(model, tokenizer, tmp, out)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return meta
 
