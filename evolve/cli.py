@@ -249,6 +249,56 @@ def import_(
     )
 
 
+@app.command()
+def finetune(
+    base: Annotated[Path, typer.Option(help="the base model: any Hugging Face directory (e.g. from `import`)")],
+    skill: Annotated[
+        list[str], typer.Option(help="the expert's skill; repeat it for a multi-task model over several skills")
+    ],
+    out: Annotated[Path, typer.Option(help="the model directory to write")],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file overriding the defaults (see evolve/finetune.py FinetuneConfig)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="train again even when --out records the same base and config")] = False,
+) -> None:
+    """Fine-tune an expert from any base on a skill's train split (full or LoRA-then-merged, replay of the
+    other skills), checkpointed so that rerunning an interrupted command resumes exactly."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from evolve.config import load_yaml_model
+    from evolve.finetune import FinetuneConfig, FinetuneError
+    from evolve.finetune import finetune as run_finetune
+    from evolve.importer import ImportSourceError
+
+    with user_errors(FinetuneError, ImportSourceError):
+        cfg = load_yaml_model(config, FinetuneConfig) if config else FinetuneConfig()
+        with Progress(
+            TextColumn(f"{'+'.join(skill)}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("finetune", total=cfg.steps, loss="-")
+            meta = run_finetune(
+                base,
+                skill,
+                out,
+                cfg,
+                force=force,
+                on_start=lambda step: progress.update(task, completed=step),
+                on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=f"{loss:.3f}"),
+            )
+    if meta.get("reused"):
+        console.print(f"{out}: already fine-tuned with this base and config; --force trains again")
+        return
+    console.print(
+        f"wrote {out}: {meta['role']} {'+'.join(meta['skills'])}, {cfg.steps} steps ({cfg.mode}, prompt format "
+        f"{meta['prompt_format']}), final loss {meta['final_loss']:.3f}, {meta['tokens_per_s']} tokens/s"
+    )
+
+
 def main() -> None:
     app()
 
