@@ -299,6 +299,46 @@ def finetune(
     )
 
 
+@app.command("merge-search")
+def merge_search(
+    run_dir: Annotated[Path, typer.Argument(help="a CycleQD run directory")],
+    budget: Annotated[
+        int | None,
+        typer.Option(min=1, help="validation evaluations per method (default: as many as the CycleQD run spent)"),
+    ] = None,
+    method: Annotated[list[str] | None, typer.Option(help="task_arithmetic | ties (repeatable; default: both)")] = None,
+) -> None:
+    """The fair baseline: CMA-ES over task-arithmetic weights and over TIES density/scale on the mean validation
+    score, with the CycleQD run's number of validation evaluations; stores RUN_DIR/merge_search.json."""
+    from rich.table import Table
+
+    from evolve.merge_search import METHODS, ROW_NAMES, MergeSearchError
+    from evolve.merge_search import merge_search as run_search
+
+    with user_errors(MergeSearchError), console.status(f"searching merge weights for {run_dir}"):
+        result = run_search(run_dir, budget, methods=method or METHODS)
+    table = Table(title=f"merge search, {result['budget']} validation evaluations per method")
+    table.add_column("merge")
+    table.add_column("parameters")
+    table.add_column("validation (start)", justify="right")
+    table.add_column("validation (found)", justify="right")
+    table.add_column("test", justify="right")
+    for m, e in result["methods"].items():
+        params = ", ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else ", ".join(f"{a} {b:.2f}" for a, b in v.items())
+            for k, v in e["params"].items()
+        )
+        table.add_row(
+            ROW_NAMES[m],
+            params,
+            f"{100 * e['start_validation_mean']:.1f}",
+            f"{100 * e['validation']['mean']:.1f}",
+            f"{100 * e['test']['mean']:.1f}" if "test" in e else "-",
+        )
+    console.print(table)
+    console.print(f"stored in {run_dir / 'merge_search.json'}")
+
+
 def main() -> None:
     app()
 
