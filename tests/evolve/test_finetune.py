@@ -140,3 +140,24 @@ def test_cli_trains_with_a_config_file(tmp_path, base_dir):
     )
     assert out.exit_code == 0, out.output
     assert json.loads((tmp_path / "e" / "cycleqd.json").read_text())["finetune"]["steps"] == 3
+
+
+@pytest.mark.slow
+def test_two_tiny_experts_from_smollm2(smollm2_dir, tmp_path):
+    """Two experts fine-tuned from the imported SmolLM2 for a few steps, chat format and bf16 autocast: each
+    moves away from the base and loads back with plain transformers. (The lead's population support runs one
+    generation of CycleQD on these.)"""
+    cfg = FinetuneConfig(
+        steps=3, lr=5e-5, batch_size=2, warmup=1, train_items=20, autocast="bfloat16", checkpoint_every=0, threads=2
+    )
+    base = load_file(smollm2_dir / "model.safetensors")
+    for skill in ("code", "db"):
+        meta = finetune(smollm2_dir, [skill], tmp_path / skill, cfg)
+        assert meta["prompt_format"] == "chat" and meta["saved_dtype"] == "float32"
+        assert meta["tokens_per_s"] > 0 and meta["final_loss"] < 20
+        expert = load_file(tmp_path / skill / "model.safetensors")
+        assert expert.keys() == base.keys()
+        moved = [k for k in base if not torch.equal(base[k], expert[k])]
+        assert len(moved) > len(base) // 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "db")
+    assert model.config.tie_word_embeddings and model.num_parameters() == 134515008
