@@ -136,7 +136,12 @@ def finetune(
     if config.threads:
         torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except Exception as exc:  # tokenizers and transformers raise many types for a broken tokenizer
+        raise ImportSourceError(
+            f"{base}: transformers cannot read its tokenizer ({type(exc).__name__}: {exc})"
+        ) from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
     except Exception as exc:
