@@ -140,3 +140,17 @@ def test_smollm2_from_its_wheel(smollm2_dir):
     )
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "5" in tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_sharded_dir_imports_and_a_missing_shard_is_named(tmp_path, tiny_model, tiny_tokenizer):
+    d = tmp_path / "sharded"
+    tiny_model.save_pretrained(d, max_shard_size="20KB")
+    tiny_tokenizer.save_pretrained(d)
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    meta = import_model(str(d), tmp_path / "ok")
+    assert meta["max_logit_diff"] == 0.0
+    shards[-1].unlink()
+    code, text = run_cli("import", str(d), "--out", str(tmp_path / "out"))
+    assert code == 2 and str(shards[-1]) in text and "missing shard" in text
+    assert not (tmp_path / "out").exists()
