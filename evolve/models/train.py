@@ -1,23 +1,34 @@
-"""Supervised training of the tiny models on skill-world items (CPU, seconds to minutes).
+"""Supervised training on skill items: one loop for the tiny models of bootstrap and for fine-tuning any HF model.
 
-One loop serves the base model, the experts (own skill plus replay of the others) and the multi-task
-baseline: they differ only in the skill mixture, the learning rate and the number of steps. Loss is on the
-answer tokens only; batches are sampled from a seeded generator, so a run is reproducible.
+One loop serves the base model, the experts (own skill plus replay of the others), the multi-task baseline and
+``cycleqd-evolve finetune`` of a real model: they differ only in the skill mixture, the learning rate, the
+number of steps, the prompt format and whether a bf16 autocast or LoRA is used. Loss is on the answer tokens
+only; batches are sampled from a seeded generator, so a run is reproducible. The loop's whole state (step,
+sampler and torch RNG, optimizer moments) can be checkpointed as safetensors and resumed, and a resumed run
+continues exactly as if it had never stopped.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from evolve.evaluators.base import Item, format_prompt
 
 Example = tuple[list[int], int]  # token ids, number of prompt tokens
+PromptFormat = Literal["raw", "chat"]
 
 
 class TrainSpec(BaseModel):
@@ -32,43 +43,93 @@ class TrainSpec(BaseModel):
     mixture: dict[str, float]
 
 
-def encode(tokenizer: PreTrainedTokenizerFast, items: Sequence[Item]) -> list[Example]:
-    """Prompt and answer are tokenized apart, exactly as generation sees them (prompt, then new tokens)."""
-    prompts = tokenizer([format_prompt(i.prompt) for i in items])["input_ids"]
-    answers = tokenizer([" " + i.answer for i in items], add_special_tokens=False)["input_ids"]
+def encode(tokenizer: Any, items: Sequence[Item], *, prompt_format: PromptFormat = "raw") -> list[Example]:
+    """Prompt and answer are tokenized apart, exactly as generation sees them (prompt, then new tokens).
+
+    ``raw``: the text is ``format_prompt(prompt)`` and the answer follows after a space (the embedded world's
+    format). ``chat``: that text is the user message of the tokenizer's chat template with the generation
+    prompt added, and the answer is the assistant's reply, ended by EOS (the template's end-of-turn token).
+    """
     eos = tokenizer.eos_token_id
+    if prompt_format == "chat":
+        prompts = [
+            list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": format_prompt(i.prompt)}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                )["input_ids"]
+            )
+            for i in items
+        ]
+        answers = tokenizer([i.answer for i in items], add_special_tokens=False)["input_ids"]
+    else:
+        prompts = tokenizer([format_prompt(i.prompt) for i in items])["input_ids"]
+        answers = tokenizer([" " + i.answer for i in items], add_special_tokens=False)["input_ids"]
     return [(p + a + [eos], len(p)) for p, a in zip(prompts, answers, strict=True)]
 
 
+@dataclass
+class LoopState:
+    """Where a training loop stands; what a checkpoint holds besides the trainable weights."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0  # tokens in the batches so far (padding excluded)
+    sampler: Any = None  # random.Random.getstate() of the batch sampler
+    torch_rng: torch.Tensor | None = None
+    optimizer: dict[str, Any] | None = None
+
+
+def lr_factor(step: int, spec: TrainSpec) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``spec.lr``."""
+    if step < spec.warmup:
+        return (step + 1) / spec.warmup
+    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train(
-    model: LlamaForCausalLM,
+    model: torch.nn.Module,
     data: Mapping[str, Sequence[Example]],
     spec: TrainSpec,
     *,
     pad_id: int,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    autocast: torch.dtype | None = None,
+    state: LoopState | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[LoopState], None] | None = None,
 ) -> list[float]:
-    """Train ``model`` in place; returns the loss of every step."""
+    """Train the parameters of ``model`` that require grad, in place; returns the loss of every step.
+
+    With ``state`` (fresh or from :func:`load_checkpoint`), training continues from ``state.step`` and the
+    object is kept up to date; every ``checkpoint_every`` steps (and not after the last), ``on_checkpoint``
+    gets it with the sampler, RNG and optimizer state filled in.
+    """
     unknown = set(spec.mixture) - set(data)
     if unknown:
         raise KeyError(f"mixture names skills without training data: {sorted(unknown)}")
+    state = state if state is not None else LoopState()
     skills = [s for s, w in spec.mixture.items() if w > 0]
     weights = [spec.mixture[s] for s in skills]
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.0)
-
-    def lr_at(step: int) -> float:
-        if step < spec.warmup:
-            return (step + 1) / spec.warmup
-        progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    if state.sampler is not None:
+        rng.setstate(state.sampler)
+    if state.torch_rng is not None:
+        torch.set_rng_state(state.torch_rng)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if state.optimizer is not None:
+        opt.load_state_dict(state.optimizer)
+    device = next(model.parameters()).device
     model.train()
-    losses = []
-    for step in range(spec.steps):
+    for step in range(state.step, spec.steps):
+        for group in opt.param_groups:
+            group["lr"] = spec.lr * lr_factor(step, spec)
         batch = [rng.choice(data[s]) for s in rng.choices(skills, weights, k=spec.batch_size)]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), pad_id)
@@ -78,14 +139,98 @@ def train(
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
             mask[row, : len(ids)] = 1
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        state.step = step + 1
+        state.losses.append(loss.item())
+        state.tokens += int(mask.sum())
         if on_step is not None:
-            on_step(step, losses[-1])
+            on_step(step, state.losses[-1])
+        if checkpoint_every and on_checkpoint and state.step % checkpoint_every == 0 and state.step < spec.steps:
+            state.sampler = rng.getstate()
+            state.torch_rng = torch.get_rng_state()
+            state.optimizer = opt.state_dict()
+            on_checkpoint(state)
     model.eval()
-    return losses
+    return state.losses
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed; the message names the file."""
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, state: LoopState, meta: Mapping[str, Any]) -> None:
+    """The trainable weights, optimizer moments and RNG state as one safetensors file (never pickle), the rest
+    as JSON in its metadata; written next to ``path`` and renamed over it."""
+    path = Path(path)
+    tensors = {f"param/{n}": p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    opt = state.optimizer or {"state": {}, "param_groups": []}
+    for idx, moments in opt["state"].items():
+        for key, value in moments.items():
+            tensors[f"opt/{idx}/{key}"] = torch.as_tensor(value).contiguous()
+    if state.torch_rng is not None:
+        tensors["rng/torch"] = state.torch_rng
+    version, internal, gauss = state.sampler
+    loop = {
+        "meta": dict(meta),
+        "step": state.step,
+        "losses": state.losses,
+        "tokens": state.tokens,
+        "sampler": [version, list(internal), gauss],
+        "param_groups": opt["param_groups"],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"loop": json.dumps(loop)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The ``meta`` a checkpoint was saved with (read without loading its tensors)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["loop"])["meta"]
+    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt or not a training checkpoint ({exc}); delete it to start over") from exc
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[LoopState, dict[str, Any]]:
+    """Load the trainable weights into ``model`` and return the loop state and the saved ``meta``."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            loop = json.loads((f.metadata() or {})["loop"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt or not a training checkpoint ({exc}); delete it to start over") from exc
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {k.removeprefix("param/"): v for k, v in tensors.items() if k.startswith("param/")}
+    if saved.keys() != params.keys():
+        raise CheckpointError(f"{path}: its weights do not match the model being trained; delete it to start over")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt/"):
+            _, idx, key = k.split("/", 2)
+            moments.setdefault(int(idx), {})[key] = v
+    version, internal, gauss = loop["sampler"]
+    state = LoopState(
+        step=loop["step"],
+        losses=loop["losses"],
+        tokens=loop["tokens"],
+        sampler=(version, tuple(internal), gauss),
+        torch_rng=tensors.get("rng/torch"),
+        optimizer={"state": moments, "param_groups": loop["param_groups"]},
+    )
+    return state, loop["meta"]

@@ -1,0 +1,163 @@
+"""``cycleqd-evolve finetune``: experts from any HF base, full or LoRA-merged, resumed exactly after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from evolve.cli import app
+from evolve.evaluators import get_skill
+from evolve.finetune import FinetuneConfig, checkpoint_dir, finetune
+from evolve.models.train import encode
+
+runner = CliRunner()
+
+
+def small(**kw) -> FinetuneConfig:
+    settings = {"steps": 6, "lr": 1e-3, "batch_size": 4, "warmup": 2, "train_items": 40, "checkpoint_every": 2}
+    return FinetuneConfig(**{**settings, **kw})
+
+
+@pytest.fixture()
+def base_dir(tmp_path, tiny_model, tiny_tokenizer):
+    d = tmp_path / "base"
+    tiny_model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+def weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def test_expert_moves_from_the_base_and_lowers_its_loss(tmp_path, base_dir):
+    meta = finetune(base_dir, ["db"], tmp_path / "db", small(steps=12, checkpoint_every=0))
+    assert meta["role"] == "expert" and meta["skill"] == "db" and meta["prompt_format"] == "raw"
+    assert meta["tokens"] > 0 and meta["tokens_per_s"] > 0
+    base, expert = weights(base_dir), weights(tmp_path / "db")
+    assert base.keys() == expert.keys()
+    assert any(not torch.equal(base[k], expert[k]) for k in base)
+    assert not checkpoint_dir(tmp_path / "db").exists()  # removed once the expert is saved
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "db")  # plain transformers loads it
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    # reused when the same base and config are asked for again
+    again = finetune(base_dir, ["db"], tmp_path / "db", small(steps=12, checkpoint_every=0))
+    assert again.get("reused") and again["config_hash"] == meta["config_hash"]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_finetune_resumes_exactly(tmp_path, base_dir):
+    cfg = small(steps=7, checkpoint_every=2)
+    whole = finetune(base_dir, ["code"], tmp_path / "whole", cfg)
+
+    def kill_at_5(step: int, loss: float) -> None:
+        if step == 4:  # after the checkpoint of step 4, before the one of step 6
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune(base_dir, ["code"], tmp_path / "resumed", cfg, on_step=kill_at_5)
+    assert not (tmp_path / "resumed").exists()
+    assert (checkpoint_dir(tmp_path / "resumed") / "checkpoint.safetensors").is_file()
+    starts = []
+    resumed = finetune(base_dir, ["code"], tmp_path / "resumed", cfg, on_start=starts.append)
+    assert starts == [4]
+    assert resumed["final_loss"] == whole["final_loss"]
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_merged_and_multitask(tmp_path, base_dir):
+    meta = finetune(base_dir, ["os"], tmp_path / "lora", small(mode="lora", lora_rank=4))
+    base, merged = weights(base_dir), weights(tmp_path / "lora")
+    assert base.keys() == merged.keys()  # adapters merged away: an ordinary model
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all("norm" not in k for k in changed)  # only linear layers carry LoRA deltas
+    assert meta["role"] == "expert"
+    multi = finetune(base_dir, ["code", "os", "db"], tmp_path / "multi", small(checkpoint_every=0))
+    assert multi["role"] == "multitask" and multi["skills"] == ["code", "os", "db"]
+
+
+def test_bf16_base_stays_bf16_and_autocast_trains(tmp_path, tiny_model, tiny_tokenizer):
+    d = tmp_path / "bf16"
+    tiny_model.to(torch.bfloat16).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    meta = finetune(d, ["os"], tmp_path / "out", small(autocast="bfloat16", checkpoint_every=0))
+    assert meta["saved_dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in weights(tmp_path / "out").values())
+
+
+def test_chat_format_puts_the_prompt_in_the_template(tiny_tokenizer):
+    items = get_skill("db").items("train", 2)
+    raw = encode(tiny_tokenizer, items, prompt_format="raw")
+    tok = tiny_tokenizer
+    chat = encode(tok, items, prompt_format="chat")
+    for (ids, n), (cids, cn), item in zip(raw, chat, items, strict=True):
+        assert tok.decode(ids[n:], skip_special_tokens=True).strip() == item.answer
+        assert tok.decode(cids[cn:], skip_special_tokens=True).strip() == item.answer
+        assert item.prompt in tok.decode(cids[:cn])
+
+
+def test_cli_bad_input_exits_2(tmp_path, base_dir):
+    out = runner.invoke(app, ["finetune", "--base", str(base_dir), "--skill", "chess", "--out", str(tmp_path / "o")])
+    assert out.exit_code == 2 and "unknown skill 'chess'" in " ".join(out.output.split())
+    (tmp_path / "nothing").mkdir()
+    out = runner.invoke(
+        app, ["finetune", "--base", str(tmp_path / "nothing"), "--skill", "db", "--out", str(tmp_path / "o")]
+    )
+    assert out.exit_code == 2 and "config.json" in out.output
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    out = runner.invoke(app, ["finetune", "--base", str(base_dir), "--skill", "db", "--out", str(foreign)])
+    assert out.exit_code == 2 and "not a model written by cycleqd-evolve" in " ".join(out.output.split())
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_trains_with_a_config_file(tmp_path, base_dir):
+    (tmp_path / "ft.yaml").write_text("steps: 3\nbatch_size: 2\ntrain_items: 20\nwarmup: 1\nlr: 0.001\n")
+    out = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--base",
+            str(base_dir),
+            "--skill",
+            "code",
+            "--out",
+            str(tmp_path / "e"),
+            "--config",
+            str(tmp_path / "ft.yaml"),
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "e" / "cycleqd.json").read_text())["finetune"]["steps"] == 3
+
+
+@pytest.mark.slow
+def test_two_tiny_experts_from_smollm2(smollm2_dir, tmp_path):
+    """Two experts fine-tuned from the imported SmolLM2 for a few steps, chat format and bf16 autocast: each
+    moves away from the base and loads back with plain transformers. (The lead's population support runs one
+    generation of CycleQD on these.)"""
+    cfg = FinetuneConfig(
+        steps=3, lr=5e-5, batch_size=2, warmup=1, train_items=20, autocast="bfloat16", checkpoint_every=0, threads=2
+    )
+    base = load_file(smollm2_dir / "model.safetensors")
+    for skill in ("code", "db"):
+        meta = finetune(smollm2_dir, [skill], tmp_path / skill, cfg)
+        assert meta["prompt_format"] == "chat" and meta["saved_dtype"] == "float32"
+        assert meta["tokens_per_s"] > 0 and meta["final_loss"] < 20
+        expert = load_file(tmp_path / skill / "model.safetensors")
+        assert expert.keys() == base.keys()
+        moved = [k for k in base if not torch.equal(base[k], expert[k])]
+        assert len(moved) > len(base) // 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "db")
+    assert model.config.tie_word_embeddings and model.num_parameters() == 134515008
