@@ -76,6 +76,7 @@ class FinetuneConfig(BaseModel):
     )
     checkpoint_every: int = Field(20, ge=0, description="steps between checkpoints (0: none)")
     threads: int | None = Field(None, ge=1, description="torch threads (default: every core)")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where to train (the result is saved on CPU)")
 
 
 def config_hash(config: FinetuneConfig, base: Path, skills: Sequence[str]) -> str:
@@ -146,6 +147,9 @@ def finetune(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
     except Exception as exc:
         raise ImportSourceError(f"{base}: transformers cannot load the model ({type(exc).__name__}: {exc})") from exc
+    from evolve.models.hf import resolve_device
+
+    model = model.to(resolve_device(config.device))
     saved = json.loads((base / "config.json").read_text())
     saved_dtype = getattr(torch, str(saved.get("dtype") or saved.get("torch_dtype") or "float32"), torch.float32)
     fmt = resolve_format(config, tokenizer)
@@ -202,7 +206,7 @@ def finetune(
     seconds = time.perf_counter() - t_train
     if config.mode == "lora":
         model = model.merge_and_unload()
-    model = model.to(saved_dtype)
+    model = model.to("cpu", saved_dtype)
     meta = {
         "role": "expert" if len(skills) == 1 else "multitask",
         "skill": skills[0] if len(skills) == 1 else None,
