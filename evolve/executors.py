@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from evolve.evaluators import get_skill, score_skills
+from evolve.evaluators import build_evaluators, score_skills
 
 
 class Executor(Protocol):
@@ -39,7 +39,7 @@ class WorkerSpec:
 
     base_model: Path
     svd_dir: Path
-    skills: tuple[str, ...]
+    skills: dict[str, Any]  # name -> spec (pydantic models pickle, so they reach pool and Ray workers)
     validation_items: int
     seed: int
     threads: int
@@ -68,7 +68,7 @@ class Worker:
         self.spec = spec
         self.engine = TransformersEngine.from_pretrained(spec.base_model)
         self.bases = Bases.load(spec.svd_dir)
-        self.tasks = {s: get_skill(s) for s in spec.skills}
+        self.tasks = build_evaluators(spec.skills)
 
     def score(self, genome: torch.Tensor) -> dict[str, float]:
         self.engine.load_genome(self.bases, genome)
