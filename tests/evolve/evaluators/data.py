@@ -49,6 +49,7 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
+    regexes_to_ignore: ["^ +"]
 """
 
 
