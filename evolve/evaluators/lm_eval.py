@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -192,7 +193,15 @@ class LmEvalEvaluator(Evaluator):
 
         idx = self._indices(split, limit, seed)
         lm = EngineLM(engine)
-        res = evaluate(lm, self.task_dict, samples={self.task_name: idx}, bootstrap_iters=0, log_samples=True)
+        quiet = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # lm-eval draws a progress bar per call: one per child scored
+        try:
+            res = evaluate(lm, self.task_dict, samples={self.task_name: idx}, bootstrap_iters=0, log_samples=True)
+        finally:
+            if quiet is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = quiet
         samples = res["samples"][self.task_name]
         first_filter = samples[0]["filter"] if samples else None
         by_doc = {s["doc_id"]: s for s in samples if s["filter"] == first_filter}
