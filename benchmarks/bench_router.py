@@ -95,7 +95,11 @@ def main() -> None:
     )  # fmt: skip
     port = int(up.stdout.readline())  # type: ignore[union-attr]
     upstream = f"http://127.0.0.1:{port}"
-    m = ServingManifest(run="bench", skills=["code", "os", "db"])
+    from evolve.run import EvolveConfig
+    from serve.materialise import skill_exemplars
+
+    # the skill world's exemplars, as cycleqd-serve writes them for a world run (the classifier learns from them)
+    m = ServingManifest(run="bench", skills=["code", "os", "db"], exemplars=skill_exemplars(EvolveConfig()))
     m.engines.append(EngineEntry(id="e0", url=upstream, device="cpu", mode="full", base_model="-", health=Health.READY))
     m.elites.append(
         EliteEntry(id="fake", engine_id="e0", served_model_name="fake", endpoint=f"{upstream}/v1", kind="full",

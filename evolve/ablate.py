@@ -32,7 +32,7 @@ def variant_config(config: EvolveConfig, change: dict[str, Any]) -> EvolveConfig
     for key, value in change.items():
         data[key] = {**data[key], **value} if isinstance(value, dict) else value
     if change.get("cycle") is False:
-        data["fixed_quality"] = data["fixed_quality"] or config.skills[0]
+        data["fixed_quality"] = data["fixed_quality"] or config.skill_names[0]
     return EvolveConfig.model_validate(data)
 
 

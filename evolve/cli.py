@@ -21,14 +21,23 @@ def user_errors(*extra: type[Exception]) -> Iterator[None]:
     traceback; anything else is a bug and keeps its traceback."""
     from evolve.bootstrap import BootstrapError
     from evolve.config import ConfigError
-    from evolve.evaluators import UnknownSkillError
+    from evolve.evaluators import EvaluatorError, UnknownSkillError
     from evolve.genome import BasisError
     from evolve.models.modeling import ModelError
     from evolve.run import RunError
 
     try:
         yield
-    except (ConfigError, BootstrapError, ModelError, RunError, BasisError, UnknownSkillError, *extra) as exc:
+    except (
+        ConfigError,
+        BootstrapError,
+        ModelError,
+        RunError,
+        BasisError,
+        UnknownSkillError,
+        EvaluatorError,
+        *extra,
+    ) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from evolve.evaluators import get_skill, score_skills
+from evolve.evaluators import build_evaluators, score_skills
 
 
 class Executor(Protocol):
@@ -41,7 +41,7 @@ class WorkerSpec:
     dtype: str
     device: str  # cpu, cuda or auto: with cuda, each worker holds one GPU
     svd_dir: Path
-    skills: tuple[str, ...]
+    skills: dict[str, Any]  # name -> spec (pydantic models pickle, so they reach pool and Ray workers)
     validation_items: int
     seed: int
     threads: int
@@ -91,7 +91,7 @@ class Worker:
         spec = self.spec
         self.engine = TransformersEngine.from_pretrained(spec.base_model, dtype=spec.dtype, device=self.device)
         self.bases = Bases.load(spec.svd_dir).to(self.engine.device)
-        self.tasks = {s: get_skill(s) for s in spec.skills}
+        self.tasks = build_evaluators(spec.skills)
 
     def score(self, genome: torch.Tensor) -> dict[str, float]:
         if self.engine is None:

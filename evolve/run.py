@@ -38,7 +38,8 @@ from safetensors.torch import save_file
 from evolve.archive import SkillArchive, default_ranges
 from evolve.atomic import read_versioned_json
 from evolve.engines.hf import TransformersEngine
-from evolve.evaluators import get_skill, score_skills
+from evolve.evaluators import SKILL_NAMES, build_evaluators, score_skills
+from evolve.evaluators.registry import SkillSpec, WorldSpec, normalise_skills
 from evolve.executors import Executor, LocalExecutor, WorkerSpec, make_executor
 from evolve.genome import Bases, svd_tensors
 from evolve.models.hf import Device, DType, check_population, load_hf, resolve_device
@@ -99,12 +100,17 @@ class EvolveConfig(BaseModel):
     dtype: DType = Field("float32", description="the engine's weights: float32, bfloat16, float16 or auto")
     device: Device = Field("cpu", description="cpu, cuda or auto; with cuda each pool/Ray worker holds one GPU")
     genome: GenomeConfig = Field(default_factory=GenomeConfig)
-    skills: list[str] = Field(default_factory=lambda: ["code", "os", "db"], min_length=2)
+    skills: dict[str, SkillSpec] = Field(
+        default_factory=lambda: {s: WorldSpec() for s in SKILL_NAMES},
+        min_length=2,
+        description="skill name -> spec (evolve/evaluators/registry.py); a list of names means world skills",
+    )
     seed: int = 0
     generations: int = Field(45, ge=0)
     children_per_generation: int = Field(4, ge=1)
     validation_items: int = Field(80, ge=1)
     test_items: int = Field(200, ge=1)
+    calibration_items: int = Field(80, ge=1, description="items per skill of the calibration split (serving)")
     bins: int = Field(15, ge=1)
     ranges: dict[str, tuple[float, float]] | None = Field(
         None, description="fixed score range per skill; default: 85% of the weakest to 115% of the strongest expert"
@@ -124,10 +130,17 @@ class EvolveConfig(BaseModel):
     mutation: MutationConfig = Field(default_factory=MutationConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
+    _skills = field_validator("skills", mode="before")(normalise_skills)
+
+    @property
+    def skill_names(self) -> list[str]:
+        return list(self.skills)
+
     @model_validator(mode="after")
     def _check(self) -> EvolveConfig:
-        for s in self.skills:
-            get_skill(s)
+        for name, spec in self.skills.items():
+            if isinstance(spec, WorldSpec) and (spec.skill or name) not in SKILL_NAMES:
+                raise ValueError(f"skills.{name}: no world skill {spec.skill or name!r}: they are {SKILL_NAMES}")
         if self.engine == "vllm" and self.executor != "local":
             raise ValueError("engine vllm runs in this process; use executor: local with it")
         if self.fixed_quality is not None and self.fixed_quality not in self.skills:
@@ -278,7 +291,7 @@ class Evolution:
     def __init__(self, run_dir: Path, config: EvolveConfig, *, resume: bool = False) -> None:
         self.dir = Path(run_dir)
         self.config = config
-        self.skills = {name: get_skill(name) for name in config.skills}
+        self.skills = build_evaluators(config.skills)
         run_file = self.dir / RUN_FILE
         if resume:
             if not run_file.is_file():
@@ -358,22 +371,23 @@ class Evolution:
     def score(self, genome: torch.Tensor, split: str = "validation") -> dict[str, float]:
         with self._timed("materialisation"):
             self.engine.load_genome(self.bases, genome)
-        n = self.config.validation_items if split == "validation" else self.config.test_items
+        cfg = self.config
+        n = {"validation": cfg.validation_items, "calibration": cfg.calibration_items}.get(split, cfg.test_items)
         with self._timed("evaluation"):
             return score_skills(self.engine, self.skills, split, n, seed=self.config.seed)  # type: ignore[arg-type]
 
     def quality_skill(self, generation: int) -> str:
         cfg = self.config
         if not cfg.cycle:
-            return cfg.fixed_quality or cfg.skills[0]
-        return cfg.skills[generation % len(cfg.skills)]
+            return cfg.fixed_quality or cfg.skill_names[0]
+        return cfg.skill_names[generation % len(cfg.skills)]
 
     def step(self) -> dict[str, Any]:
         """Run one generation and save; returns a summary for progress display."""
         cfg, st = self.config, self.state
         t = st.generation
         q = self.quality_skill(t)
-        q_index = cfg.skills.index(q)
+        q_index = cfg.skill_names.index(q)
         children = []
         for c in range(cfg.children_per_generation):
             with self._timed("sampling"):
@@ -422,7 +436,7 @@ class Evolution:
                 dtype=cfg.dtype,
                 device=cfg.device,
                 svd_dir=self.dir / "svd",
-                skills=tuple(cfg.skills),
+                skills=dict(cfg.skills),
                 validation_items=cfg.validation_items,
                 seed=cfg.seed,
                 threads=cfg.worker_threads,

@@ -146,11 +146,11 @@ class Router:
     def build_classifier(self) -> None:
         from router.classifier import MiniLM, build_classifier
 
-        skills = self.manifest.skills if self.manifest else ["code", "os", "db"]
+        exemplars = (self.manifest.exemplars if self.manifest else None) or {}  # the run's skills, from serve
         c = self.policy.classifier
         encoder = self.classifier[0] if self.classifier else MiniLM()
         clf, report = build_classifier(
-            encoder, skills, exemplars_per_skill=c.exemplars_per_skill, method=c.method, k=c.k,
+            encoder, exemplars, exemplars_per_skill=c.exemplars_per_skill, method=c.method, k=c.k,
             cache_dir=self.policy.cache_dir,
         )  # fmt: skip
         self.classifier, self.classifier_report = (encoder, clf), report
@@ -181,13 +181,17 @@ class Router:
         return self.manifest.health_of(elite) == Health.READY and self.breaker(elite.engine_id).allows()
 
     # -- decisions -------------------------------------------------------------------------------------------
-    def classify(self, text: str) -> dict[str, float]:
+    def classify(self, text: str) -> dict[str, float] | None:
+        """Skill weights of the text; None when it is far from every skill (or the manifest has no exemplars)."""
         assert self.classifier is not None and self.manifest is not None
         t0 = time.perf_counter()
         encoder, clf = self.classifier
-        p = clf.proba(encoder.encode([text]))[0]
+        if clf is None:
+            return None
+        emb = encoder.encode([text])
+        p, inside = clf.proba(emb)[0], bool(clf.in_domain(emb)[0])
         self.metrics.classifier.observe(time.perf_counter() - t0)
-        return {s: float(x) for s, x in zip(clf.skills, p, strict=True)}
+        return {s: float(x) for s, x in zip(clf.skills, p, strict=True)} if inside else None
 
     def decide(self, body: dict[str, Any], headers: Any, text: str) -> tuple[list[EliteEntry], dict[str, float], str]:
         """Ordered candidates, the skill weights and the reason."""
@@ -222,7 +226,9 @@ class Router:
             except ValueError as exc:
                 raise APIError(400, f"header {pol.weights_header}: {exc}", "invalid_weights") from exc
         else:
-            weights, reason = self.classify(text), "classifier"
+            weights, reason = self.classify(text), "classifier"  # type: ignore[assignment]
+            if weights is None:  # far from every skill: the policy's fallback (best mean, or a given elite)
+                weights, reason = {k: 1.0 / len(m.skills) for k in m.skills}, "out_of_domain"
         session = headers.get(pol.session_header) or conversation_key(body)
         ranked = rank(
             m.elites, weights, healthy=self.healthy, load=lambda e: self.inflight[e.engine_id], margin=pol.margin,
@@ -230,6 +236,8 @@ class Router:
         )  # fmt: skip
         if not ranked:
             raise APIError(503, "no healthy elite is being served right now; retry later", "no_healthy_upstream")
+        if reason == "out_of_domain" and pol.fallback != "best_mean":
+            ranked.sort(key=lambda e: e.id != pol.fallback)  # the configured default first, the rest as retries
         return ranked, weights, reason + (":session" if session else "")
 
 

@@ -5,10 +5,15 @@ is downloaded), run here in numpy with the ``tokenizers`` library: the router mu
 ARCHITECTURE.md), and a 6-layer, 384-wide BERT on short prompts is a few milliseconds in numpy. A test checks it
 against sentence-transformers' own embeddings.
 
-Exemplars are each skill's *training* prompts (``evolve.evaluators``); the classifier is nearest-centroid (or kNN)
-on cosine similarity with a softmax whose temperature is calibrated on validation prompts (the temperature that
-minimises their negative log-likelihood), so the weights it returns are probabilities, not just a ranking.
-Accuracy is measured on the test split, which neither step saw.
+The skills and their exemplar prompts come from the run being served, through the serving manifest
+(``exemplars``: each skill's train / validation / test prompts, as the run's evaluators give them), so a router
+serving a population of any skills (JSONL data, lm-eval tasks, plugins) classifies into them without importing
+``evolve``. The classifier is nearest-centroid (or kNN) on cosine similarity over the *train* prompts, with a
+softmax whose temperature is calibrated on the *validation* prompts (the temperature that minimises their
+negative log-likelihood), so the weights it returns are probabilities, not just a ranking. A request whose cosine
+similarity to its nearest train exemplar (of any skill) is below a threshold, also calibrated on validation prompts (the
+``OOD_QUANTILE`` quantile of theirs), is out of domain: the router sends it to the policy's ``fallback`` instead
+of forcing it into a skill. Accuracy is measured on the *test* prompts, which neither step saw.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -109,6 +115,8 @@ class SkillClassifier:
     method: Literal["centroid", "knn"] = "centroid"
     k: int = 10
     temperature: float = 0.05
+    #: best centroid similarity below which a text is out of domain (-1: never)
+    threshold: float = -1.0
 
     @property
     def centroids(self) -> np.ndarray:
@@ -149,50 +157,77 @@ class SkillClassifier:
     def accuracy(self, emb: np.ndarray, labels: np.ndarray) -> float:
         return float((self.logits(emb).argmax(1) == labels).mean())
 
+    def similarity(self, emb: np.ndarray) -> np.ndarray:
+        """Cosine similarity of each text to its nearest exemplar, (n,). Not to a centroid: a skill whose prompts
+        come in several forms has a centroid between them, close to none."""
+        return (emb @ self.exemplars.T).max(1) if len(emb) else np.zeros(0, np.float32)
 
-def skill_texts(skill: str, split: str, n: int, seed: int = 0) -> list[str]:
-    from evolve.evaluators import get_skill
+    def calibrate_threshold(self, emb: np.ndarray, quantile: float) -> float:
+        """Out of domain below the ``quantile`` of held-out in-domain texts' similarity."""
+        self.threshold = float(np.quantile(self.similarity(emb), quantile)) if len(emb) else -1.0
+        return self.threshold
 
-    return [i.prompt for i in get_skill(skill).items(split, n, seed=seed)]  # type: ignore[arg-type]
+    def in_domain(self, emb: np.ndarray) -> np.ndarray:
+        return self.similarity(emb) >= self.threshold
+
+
+#: Share of held-out in-domain prompts that the out-of-domain threshold may send to the fallback.
+OOD_QUANTILE = 0.02
+
+
+def _texts(exemplars: Any, split: str) -> list[str]:
+    got = exemplars.get(split) if isinstance(exemplars, Mapping) else getattr(exemplars, split, None)
+    return list(got or [])
 
 
 def build_classifier(
     encoder: MiniLM,
-    skills: list[str],
+    exemplars: Mapping[str, Any],
     *,
     exemplars_per_skill: int = 150,
     method: Literal["centroid", "knn"] = "centroid",
     k: int = 10,
     cache_dir: Path | None = None,
-) -> tuple[SkillClassifier, dict[str, float]]:
-    """Embed the exemplars (train split), calibrate on validation, measure accuracy on test.
+) -> tuple[SkillClassifier | None, dict[str, float]]:
+    """Embed each skill's train exemplars, calibrate temperature and out-of-domain threshold on its validation
+    exemplars, measure accuracy on its test exemplars. ``exemplars`` maps skill -> {train, validation, test}
+    prompt lists (the serving manifest's ``exemplars``); without any there is no classifier (None), and every
+    request the classifier would weigh goes to the fallback.
 
-    The embeddings are cached (safetensors) under ``cache_dir``, keyed by skills and count, so a restart is fast.
+    The embeddings are cached (safetensors) under ``cache_dir``, keyed by the texts, so a restart is fast.
     """
-    key = hashlib.sha256(json.dumps([skills, exemplars_per_skill, 1]).encode()).hexdigest()[:16]
+    skills = [s for s in exemplars if _texts(exemplars[s], "train")]
+    if not skills:
+        return None, {"skills": 0}
+    texts_of = {
+        split: [(i, t) for i, s in enumerate(skills) for t in _texts(exemplars[s], split)[:cap]]
+        for split, cap in (("train", exemplars_per_skill), ("validation", None), ("test", None))
+    }
+    key = hashlib.sha256(json.dumps([skills, texts_of, 2]).encode()).hexdigest()[:16]
     cache = cache_dir / f"exemplars-{key}.safetensors" if cache_dir else None
-    n_eval = max(20, exemplars_per_skill // 3)
     if cache is not None and cache.is_file():
         data = load_file(str(cache))
     else:
         data = {}
-        for split, n in (("train", exemplars_per_skill), ("validation", n_eval), ("test", n_eval)):
-            texts, labels = [], []
-            for i, s in enumerate(skills):
-                got = skill_texts(s, split, n)
-                texts += got
-                labels += [i] * len(got)
-            data[f"{split}.emb"], data[f"{split}.labels"] = encoder.encode(texts), np.array(labels, np.int64)
+        for split, pairs in texts_of.items():
+            data[f"{split}.emb"] = encoder.encode([t for _, t in pairs])
+            data[f"{split}.labels"] = np.array([i for i, _ in pairs], np.int64)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_file(data, str(cache))
     clf = SkillClassifier(skills, data["train.emb"], data["train.labels"], method=method, k=k)
-    nll = clf.calibrate(data["validation.emb"], data["validation.labels"])
+    held = "validation" if len(data["validation.labels"]) else "train"
+    nll = clf.calibrate(data[f"{held}.emb"], data[f"{held}.labels"])
+    clf.calibrate_threshold(data[f"{held}.emb"], OOD_QUANTILE)
     report = {
-        "test_accuracy": clf.accuracy(data["test.emb"], data["test.labels"]),
-        "validation_accuracy": clf.accuracy(data["validation.emb"], data["validation.labels"]),
+        "skills": len(skills),
+        "validation_accuracy": clf.accuracy(data[f"{held}.emb"], data[f"{held}.labels"]),
         "validation_nll": nll,
         "temperature": clf.temperature,
+        "ood_threshold": clf.threshold,
         "test_items": len(data["test.labels"]),
     }
+    if len(data["test.labels"]):
+        report["test_accuracy"] = clf.accuracy(data["test.emb"], data["test.labels"])
+        report["test_in_domain"] = float(clf.in_domain(data["test.emb"]).mean())
     return clf, report

@@ -71,7 +71,12 @@ class ManifestSet:
         if len(self.sources) == 1:
             return parts[0][1]
         first = parts[0][1]
-        out = ServingManifest(run=first.run, skills=first.skills, updated_at=max(p.updated_at for _, p in parts))
+        out = ServingManifest(
+            run=first.run,
+            skills=first.skills,
+            updated_at=max(p.updated_at for _, p in parts),
+            exemplars=first.exemplars,
+        )
         for i, p in parts:
             if p.skills != first.skills:
                 log.warning("manifest %s left out: skills %s differ from %s", self.sources[i], p.skills, first.skills)

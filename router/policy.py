@@ -50,6 +50,11 @@ class RoutingPolicy(BaseModel):
     margin: float = Field(0.02, ge=0, description="elites within this of the best weighted score count as equal")
     max_attempts: int = Field(3, ge=1, description="endpoints tried per request (only before the first byte)")
     classifier: ClassifierPolicy = Field(default_factory=ClassifierPolicy)
+    fallback: str = Field(
+        "best_mean",
+        description="where a request far from every skill goes (classifier out of domain): best_mean (the elite "
+        "with the best mean score) or an elite id",
+    )
     breaker: Breaker = Field(default_factory=Breaker)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     max_body_bytes: int = Field(1_000_000, ge=1024)

@@ -15,9 +15,17 @@ and nothing else of serve/ or evolve/, so this module needs only pydantic and th
                    "endpoint": "http://127.0.0.1:8100/v1", "kind": "lora", "lora_rank": 96,
                    "scores": {"code": 0.89, ...},          # validation scores from the archive
                    "served_scores": {"code": 0.88, ...},   # the served weights' validation scores (LoRA truncation)
+                   "calibration_scores": {"code": 0.84, ...},  # the served weights on the calibration split
                    "test_scores": {...} | null, "lineage": {...}, "selected_by": ["best:code"],
-                   "health": "ready"}]
+                   "health": "ready"}],
+      "exemplars": {"code": {"train": ["<prompt>", ...], "validation": [...], "test": [...]}, ...} | null
     }
+
+``exemplars`` are each skill's prompts as the run's evaluators give them: the router's classifier learns its
+skills from them (train: centroids; validation: temperature and out-of-domain threshold; test: its reported
+accuracy), so a router serving a population of any skills classifies into them without importing ``evolve``.
+``calibration_scores`` come from a split that selection never saw, so unlike the archive's validation scores
+they are not inflated by the winner's curse; they are what the router weighs when present.
 
 An elite's health is its engine's (copied into each elite entry at every write, for readers' convenience).
 """
@@ -78,14 +86,28 @@ class EliteEntry(BaseModel):
     served_scores: dict[str, float] | None = Field(
         None, description="validation scores of the weights actually served (a LoRA adapter loses some)"
     )
+    calibration_scores: dict[str, float] | None = Field(
+        None, description="the served weights' calibration scores: selection never saw them (no winner's curse)"
+    )
     test_scores: dict[str, float] | None = None
     lineage: dict[str, Any] = Field(default_factory=dict)
     selected_by: list[str] = Field(default_factory=list)
     health: Health = Field(Health.STARTING, description="its engine's health, copied at every write")
 
     def routing_scores(self) -> dict[str, float]:
-        """What the router should weigh: the served weights' scores when measured, else the archive's."""
-        return self.served_scores or self.scores
+        """What the router should weigh: the served weights' calibration scores (unbiased by selection) when
+        measured, else their validation scores, else the archive's."""
+        return self.calibration_scores or self.served_scores or self.scores
+
+
+class SkillExemplars(BaseModel):
+    """One skill's prompts per split, for the router's classifier."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: list[str] = Field(default_factory=list)
+    validation: list[str] = Field(default_factory=list)
+    test: list[str] = Field(default_factory=list)
 
 
 class ServingManifest(BaseModel):
@@ -97,6 +119,9 @@ class ServingManifest(BaseModel):
     updated_at: float = Field(default_factory=time.time)
     engines: list[EngineEntry] = Field(default_factory=list)
     elites: list[EliteEntry] = Field(default_factory=list)
+    exemplars: dict[str, SkillExemplars] | None = Field(
+        None, description="each skill's prompts per split, from the run's evaluators (the router's classifier)"
+    )
 
     def engine(self, engine_id: str) -> EngineEntry:
         for e in self.engines:

@@ -3,6 +3,10 @@
 - ``lora``: a PEFT adapter over the run's base model (``evolve.lora``); its truncation cost is *measured*: the
   adapter's merged weights are scored on the validation split (``served_scores``) next to the archive's scores.
 - ``full``: a complete Hugging Face model directory per elite (exact; one engine each).
+
+Every served weight set is also scored on the **calibration** split (``calibration_scores``): elites were
+selected on validation, so their validation scores are the best of many noisy draws (the winner's curse), while
+calibration items were never seen by selection. The router weighs the calibration scores.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evolve.engines.hf import TransformersEngine
-from evolve.evaluators import get_skill, score_skills
+from evolve.evaluators import build_evaluators, score_skills
 from evolve.genome import Bases
 from evolve.lora import lora_factors, merged_weights, save_lora
 from evolve.models.hf import embedding_roles, load_hf
 from evolve.models.modeling import save_model
 from evolve.run import EvolveConfig
 from serve.config import ServeConfig
+from serve.manifest import SkillExemplars
 from serve.select import Selected
 
 #: The adapter ranks vLLM accepts for ``--max-lora-rank``.
@@ -38,6 +43,7 @@ class Artifact:
     served_scores: dict[str, float] | None  # the served weights' validation scores (None: not measured)
     lora_rank: int | None = None
     truncation_error: float | None = None
+    calibration_scores: dict[str, float] | None = None  # the served weights on the calibration split
 
 
 def dir_name(elite_id: str) -> str:
@@ -68,17 +74,34 @@ def check_lora_rank(bases: Bases, rank: int, base_model: Path) -> int:
 
 
 class Scorer:
-    """Validation scores of weights, with the run's own items and seed (so they compare with the archive's), on
+    """Scores of weights, with the run's own evaluators, items and seed (so they compare with the archive's), on
     an engine in the dtype the weights are served in (so the scores describe exactly what is served)."""
 
     def __init__(self, run_config: EvolveConfig, dtype: str = "float32") -> None:
         self.engine = TransformersEngine.from_pretrained(run_config.resolved_population().base, dtype=dtype)
         self.config = run_config
-        self.tasks = {s: get_skill(s) for s in run_config.skills}
+        self.tasks = build_evaluators(run_config.skills)
 
-    def __call__(self, weights: dict) -> dict[str, float]:
+    def __call__(self, weights: dict, split: str = "validation") -> dict[str, float]:
+        cfg = self.config
+        n = cfg.calibration_items if split == "calibration" else cfg.validation_items
         self.engine.load_state_dict(weights)
-        return score_skills(self.engine, self.tasks, "validation", self.config.validation_items, seed=self.config.seed)
+        return score_skills(self.engine, self.tasks, split, n, seed=cfg.seed)  # type: ignore[arg-type]
+
+
+#: Prompts per skill and split that the manifest carries for the router's classifier.
+EXEMPLARS = {"train": 150, "validation": 50, "test": 50}
+
+
+def skill_exemplars(run_config: EvolveConfig) -> dict[str, SkillExemplars]:
+    """Each skill's prompts per split, from the run's own evaluators (what the router's classifier learns)."""
+    tasks = build_evaluators(run_config.skills)
+    return {
+        name: SkillExemplars(
+            **{split: task.exemplars(split, n, seed=run_config.seed) for split, n in EXEMPLARS.items()}
+        )  # type: ignore[arg-type]
+        for name, task in tasks.items()
+    }
 
 
 def materialise(
@@ -93,15 +116,13 @@ def materialise(
     """Write every selected elite's weights under ``cfg.out``; score what needs scoring."""
     base_dir = run_config.resolved_population().base
     same_dtype = cfg.dtype == run_config.dtype
-    needs_scorer = cfg.measure_truncation or any(s.scores is None for s in selected)
-    if needs_scorer and scorer is None:
+    if scorer is None:  # every served weight set gets calibration scores
         scorer = Scorer(run_config, cfg.dtype)
     out: list[Artifact] = []
     full_model = None
     for sel in selected:
         scores = sel.scores
         if scores is None:  # the aggregate: not in the archive, so scored here like every elite was
-            assert scorer is not None
             scores = scorer(bases.materialise(sel.genome))
         if cfg.mode == "lora":
             path = cfg.out / "adapters" / dir_name(sel.id)
@@ -109,9 +130,10 @@ def materialise(
                 export = save_lora(bases, sel.genome, cfg.lora_rank, path, base_model=str(base_dir))
             except ValueError as exc:
                 raise MaterialiseError(f"lora_rank {cfg.lora_rank}: {exc}") from exc
-            measure = cfg.measure_truncation and scorer is not None
-            served = scorer(merged_weights(bases.base, export)) if measure else None  # type: ignore[misc]
+            weights = merged_weights(bases.base, export)
+            served = scorer(weights) if cfg.measure_truncation else None
             art = Artifact(sel, "lora", path, scores, served, export.rank, export.truncation_error)
+            art.calibration_scores = scorer(weights, "calibration")
         else:
             path = cfg.out / "models" / dir_name(sel.id)
             if full_model is None:  # one model object in the served dtype, overwritten in place for each elite
@@ -119,10 +141,12 @@ def materialise(
             model, tokenizer = full_model
             bases.materialise_into(sel.genome, {k: p.data for k, p in model.named_parameters()})
             save_model(model, tokenizer, path, {"role": "elite", "elite": sel.id, "run": str(cfg.run)})
+            served_weights = {k: p.data for k, p in model.named_parameters()}
             # The archive's scores are of these very weights unless serving rounds them to another dtype.
-            rounded = not same_dtype and cfg.measure_truncation and scorer is not None
-            served = scorer({k: p.data for k, p in model.named_parameters()}) if rounded else dict(scores)  # type: ignore[misc]
+            rounded = not same_dtype and cfg.measure_truncation
+            served = scorer(served_weights) if rounded else dict(scores)
             art = Artifact(sel, "full", path, scores, served)
+            art.calibration_scores = scorer(served_weights, "calibration")
         out.append(art)
         if on_done:
             on_done(art)

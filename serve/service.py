@@ -16,7 +16,15 @@ from evolve.genome import Bases
 from evolve.run import EvolveConfig, RunState, load_run
 from serve.config import Selection, ServeConfig
 from serve.manifest import ServingManifest
-from serve.materialise import Artifact, MaterialiseError, Scorer, check_lora_rank, materialise, max_lora_rank
+from serve.materialise import (
+    Artifact,
+    MaterialiseError,
+    Scorer,
+    check_lora_rank,
+    materialise,
+    max_lora_rank,
+    skill_exemplars,
+)
 from serve.plan import Plan, make_plan, model_size
 from serve.select import Selected, select
 from serve.supervisor import Engine, ServeError, Supervisor, check_vllm, elite_entry, port_in_use
@@ -73,7 +81,7 @@ def build_supervisor(
     prep: Prepared, *, on_materialised: Callable[[Artifact], None] | None = None
 ) -> tuple[Supervisor, list[Artifact]]:
     cfg = prep.cfg
-    scorer = Scorer(prep.run_config) if cfg.measure_truncation or cfg.select.aggregate else None
+    scorer = Scorer(prep.run_config)  # calibration scores for every served elite
     artifacts = materialise(cfg, prep.run_config, prep.bases, prep.selected, scorer=scorer, on_done=on_materialised)
     by_id = {a.selected.id: a for a in artifacts}
     engines = []
@@ -83,7 +91,9 @@ def build_supervisor(
             engines.append(Engine(ep, prep.base_model.resolve(), adapters))
         else:
             engines.append(Engine(ep, by_id[ep.elites[0]].path.resolve()))
-    manifest = ServingManifest(run=str(cfg.run), skills=list(prep.run_config.skills))
+    manifest = ServingManifest(
+        run=str(cfg.run), skills=list(prep.run_config.skills), exemplars=skill_exemplars(prep.run_config)
+    )
 
     def materialise_one(elite_id: str) -> Artifact:
         (sel,) = select(prep.state, Selection(ids=[elite_id], best_per_skill=False))

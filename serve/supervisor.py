@@ -450,6 +450,7 @@ def elite_entry(art: Artifact, engine: Engine) -> EliteEntry:
         lora_rank=art.lora_rank,
         scores=art.scores,
         served_scores=art.served_scores,
+        calibration_scores=art.calibration_scores,
         test_scores=sel.test_scores,
         lineage=sel.lineage,
         selected_by=sel.selected_by,

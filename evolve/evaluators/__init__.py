@@ -1,19 +1,34 @@
-"""The embedded skill world: three skills mirroring the paper's coding, OS and database tasks."""
+"""Skills as evaluators: one interface (``base``), a registry of kinds (``registry``: world, jsonl, lm_eval,
+plugins and ``cycleqd.skills`` entry points), and the embedded skill world (``world``), whose three skills mirror
+the paper's coding, OS and database tasks."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from evolve.evaluators.base import SPLITS, Generator, Item, SkillTask, Split, TaskResult, format_prompt
+from evolve.evaluators.base import (
+    SPLITS,
+    Evaluator,
+    EvaluatorError,
+    Generator,
+    Item,
+    SkillTask,
+    Split,
+    TaskResult,
+    format_prompt,
+)
 
 __all__ = [
     "SKILL_NAMES",
     "SPLITS",
+    "Evaluator",
+    "EvaluatorError",
     "Item",
     "SkillTask",
     "Split",
     "TaskResult",
     "UnknownSkillError",
+    "build_evaluators",
     "format_prompt",
     "get_skill",
     "score_skills",
@@ -44,8 +59,15 @@ def get_skill(name: str) -> SkillTask:
     raise UnknownSkillError(f"unknown skill {name!r}: the built-in skills are {', '.join(SKILL_NAMES)}")
 
 
+def build_evaluators(skills: Mapping[str, object]) -> dict[str, Evaluator]:
+    """The evaluators of a run's ``skills`` (name -> spec, see ``registry``), in order."""
+    from evolve.evaluators.registry import build_all
+
+    return build_all(skills)  # type: ignore[arg-type]
+
+
 def score_skills(
-    engine: Generator, tasks: Mapping[str, SkillTask], split: Split, limit: int, *, seed: int
+    engine: Generator, tasks: Mapping[str, Evaluator], split: Split, limit: int, *, seed: int
 ) -> dict[str, float]:
     """Quality per skill of whatever the engine holds, on ``limit`` items of ``split`` drawn with ``seed`` (the
     same items for every model scored with the same arguments, so scores compare)."""

@@ -1,8 +1,14 @@
-"""The task interface shared by the embedded skill world and, later, real evaluation harnesses.
+"""The evaluator interface every skill implements (world, jsonl, lm_eval, plugins), and the world's task base.
 
-A skill is a seeded generator of :class:`Item` objects plus a grader. Splits are assigned from a hash of an
-item's *parameters* (template and its constants, never the phrasing), so no test item's parameters can appear
-in training, however the generator is seeded.
+An :class:`Evaluator` gives items per split, batched scoring of whatever an engine holds (per-item scores, mean
+= quality) and exemplar prompts (for fine-tuning and for the router's classifier). Splits: ``train``
+(fine-tuning), ``calibration`` (the scores the router is told: selection never saw them, so they are not
+inflated by the winner's curse), ``validation`` (what evolution selects on) and ``test`` (every reported
+number).
+
+A world skill is a seeded generator of :class:`Item` objects plus a grader. Splits are assigned from a hash of
+an item's *parameters* (template and its constants, never the phrasing), so no test item's parameters can
+appear in training, however the generator is seeded.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-Split = Literal["train", "validation", "test"]
-SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+Split = Literal["train", "calibration", "validation", "test"]
+#: In the order of :func:`split_of`'s cumulative fractions.
+SPLITS: tuple[Split, ...] = ("train", "calibration", "validation", "test")
 
-#: Fraction of the parameter space in each split. Evolution selects on validation, numbers are reported on test.
-SPLIT_FRACTIONS: dict[Split, float] = {"train": 0.7, "validation": 0.15, "test": 0.15}
+#: Fraction of the hash space in each split, taken cumulatively in ``SPLITS`` order. Calibration was carved out
+#: of the end of train (train was 0.7), so validation ([0.7, 0.85)) and test ([0.85, 1)) hold exactly the items
+#: they held before calibration existed (tested), and run directories made before stay comparable.
+SPLIT_FRACTIONS: dict[Split, float] = {"train": 0.6, "calibration": 0.1, "validation": 0.15, "test": 0.15}
 
 #: The prompt suffix that every model in this project answers after. Kept in one place because the tokenizer's
 #: chat template, the trainer and every engine must agree on it.
@@ -62,6 +71,39 @@ class Generator(Protocol):
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, chat: bool = False) -> list[str]: ...
 
 
+class EvaluatorError(ValueError):
+    """A skill that cannot be built or read; the message names the file and line, or the config field."""
+
+
+def check_split(split: str) -> Split:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    return split  # type: ignore[return-value]
+
+
+class Evaluator(ABC):
+    """A skill: what every kind (world, jsonl, lm_eval, a plugin) gives evolution, serving and the router.
+
+    Implementations must be deterministic for a seed (the same items for every model scored with the same
+    arguments, so scores compare, and a resumed run continues exactly) and must never raise on a model's
+    answer: a grader scores.
+    """
+
+    name: str
+
+    @abstractmethod
+    def evaluate(self, engine: Generator, split: Split, limit: int, *, seed: int = 0) -> TaskResult:
+        """Score whatever ``engine`` holds on ``limit`` items of ``split`` (fewer if the split is smaller)."""
+
+    @abstractmethod
+    def exemplars(self, split: Split, n: int, *, seed: int = 0) -> list[str]:
+        """Up to ``n`` prompts of ``split`` as a user would send them (the router's classifier learns from them)."""
+
+    def items(self, split: Split, n: int, *, seed: int = 0, levels: Sequence[int] | None = None) -> list[Item]:
+        """Prompt/answer items for fine-tuning; kinds without gold answers (e.g. lm_eval) do not give them."""
+        raise NotImplementedError(f"skill {self.name!r} ({type(self).__name__}) has no items with gold answers")
+
+
 def split_of(key: str) -> Split:
     """Deterministic split of an item from its parameter key (stable across Python runs and machines)."""
     h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
@@ -82,8 +124,8 @@ class Template:
     phrasings: tuple[str, ...]
 
 
-class SkillTask(ABC):
-    """A skill: a parameter space split three ways, phrasings, gold answers and an execution grader."""
+class SkillTask(Evaluator):
+    """A world skill: a parameter space split four ways, phrasings, gold answers and an execution grader."""
 
     name: str
     #: Generous answer budget in tokens: the graders only need the first line.
@@ -129,8 +171,7 @@ class SkillTask(ABC):
         the others; then the next parameter tuple of that template in a seeded shuffle (repeating only once the
         template's pool is used up). The phrasing comes from the same seeded stream.
         """
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+        check_split(split)
         wanted = set(levels) if levels is not None else set(self.levels)
         pool = self._pool(split)
         templates = [t for t in self.templates() if t.level in wanted and pool.get(t.name)]
@@ -159,6 +200,9 @@ class SkillTask(ABC):
         prompts = [i.prompt if self.chat else format_prompt(i.prompt) for i in items]
         answers = engine.generate(prompts, max_new_tokens=self.max_new_tokens, chat=self.chat)
         return TaskResult(self.name, split, self.grade(items, answers), answers)
+
+    def exemplars(self, split: Split, n: int, *, seed: int = 0) -> list[str]:
+        return [i.prompt for i in self.items(split, n, seed=seed)]
 
 
 def format_prompt(prompt: str) -> str:

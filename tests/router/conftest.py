@@ -30,8 +30,18 @@ def classifier(tmp_path_factory):
     from router.classifier import MiniLM, build_classifier
 
     encoder = MiniLM()
-    clf, report = build_classifier(encoder, SKILLS, exemplars_per_skill=60, cache_dir=tmp_path_factory.mktemp("clf"))
+    clf, report = build_classifier(
+        encoder, world_exemplars(), exemplars_per_skill=60, cache_dir=tmp_path_factory.mktemp("clf")
+    )
     return encoder, clf, report
+
+
+def world_exemplars() -> dict:
+    """The skill world's prompts per split, as `cycleqd-serve` puts them in the manifest for a world run."""
+    from evolve.run import EvolveConfig
+    from serve.materialise import skill_exemplars
+
+    return {s: e.model_dump() for s, e in skill_exemplars(EvolveConfig(skills=SKILLS)).items()}
 
 
 def free_port() -> int:

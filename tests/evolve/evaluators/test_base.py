@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from evolve.evaluators import SKILL_NAMES, UnknownSkillError, get_skill
@@ -32,7 +34,7 @@ def test_splits_are_disjoint_in_parameters(skill):
 def test_every_level_is_present_in_every_split(skill):
     task = get_skill(skill)
     for split in SPLITS:
-        assert task.split_size(split) >= 100
+        assert task.split_size(split) >= (90 if split == "calibration" else 100)
         assert {i.level for i in task.items(split, 300)} == {1, 2, 3}
     assert {i.level for i in task.items("train", 50, levels=[1])} == {1}
 
@@ -68,3 +70,42 @@ def test_unknown_split_is_refused():
 )
 def test_first_line_extracts_the_answer(text, line):
     assert first_line(text) == line
+
+
+#: sha256 of (key, prompt, answer) of 200 items per split and seed, recorded before the calibration split was
+#: carved out of train: validation and test must hold exactly the items they held (old run directories and the
+#: README's numbers stay comparable).
+BEFORE_CALIBRATION = {
+    ("code", "validation", 0): "6368eb91927fd9c1", ("code", "validation", 1): "ed136cf47aaafd77",
+    ("code", "test", 0): "56a25d1b10357eb8", ("code", "test", 1): "0227d2368606878e",
+    ("os", "validation", 0): "2504e47611846d8b", ("os", "validation", 1): "2660fc09cfc36b7d",
+    ("os", "test", 0): "a079ad209028ec0b", ("os", "test", 1): "3c425a666743391c",
+    ("db", "validation", 0): "cfacfb1f72f45dbf", ("db", "validation", 1): "03882465f5c212fc",
+    ("db", "test", 0): "50fb99fcb5fcedc5", ("db", "test", 1): "c84d750aa78eb11d",
+}  # fmt: skip
+SIZES_BEFORE = {"code": (407, 376), "os": (570, 613), "db": (142, 168)}
+
+
+def _old_split(key: str) -> str:
+    """split_of as it was: cumulative train .7, validation .15, test .15."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+    return "train" if h < 0.7 else "validation" if h < 0.85 else "test"
+
+
+@pytest.mark.parametrize("skill", SKILL_NAMES)
+def test_calibration_comes_out_of_train_and_validation_and_test_are_unchanged(skill):
+    task = get_skill(skill)
+    for (s, split, seed), digest in BEFORE_CALIBRATION.items():
+        if s == skill:
+            items = task.items(split, 200, seed=seed)
+            got = hashlib.sha256(repr([(i.key, i.prompt, i.answer) for i in items]).encode()).hexdigest()[:16]
+            assert got == digest, (split, seed)
+    assert (task.split_size("validation"), task.split_size("test")) == SIZES_BEFORE[skill]
+    # every parameter tuple keeps its split, except that some of train is now calibration
+    for t in task.templates():
+        for params in task.parameter_space(t):
+            key = f"{skill}|{t.name}|{params!r}"
+            new, old = split_of(key), _old_split(key)
+            assert new == old or (new == "calibration" and old == "train"), key
+    cal = task.items("calibration", 300, seed=0)
+    assert cal and all(_old_split(i.key) == "train" for i in cal)

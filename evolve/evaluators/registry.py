@@ -1,0 +1,245 @@
+"""Which evaluator a skill's config builds: kinds ``world``, ``jsonl``, ``lm_eval``, ``plugin``, and third-party
+kinds through the ``cycleqd.skills`` entry-point group.
+
+A run's ``skills`` setting maps a skill name to a spec::
+
+    skills:
+      code: {kind: world}                                   # the embedded skill world
+      math: {kind: jsonl, path: data/math.jsonl, grader: numeric, chat: true}
+      sql:  {kind: jsonl, path: data/sql.jsonl, grader: sql, database: data/shop.sqlite}
+      gsm:  {kind: lm_eval, task: my_gsm_local, include_path: tasks/, metric: exact_match}
+      mine: {kind: plugin, name: mypkg.skills:Summaries}    # or an entry point's name in cycleqd.skills
+      more: {kind: summaries, length: 3}                    # a kind some installed package registers
+
+A plain list of names (the format before kinds existed) means world skills. An entry point in
+``cycleqd.skills`` names an :class:`~evolve.evaluators.base.Evaluator` class (or a factory); its spec's extra
+fields are passed to it as keyword arguments, like a plugin's ``options``. This is how pytest and LiteLLM find
+plugins: ``importlib.metadata`` entry points, nothing to register by hand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+from evolve.evaluators.base import Evaluator, EvaluatorError
+
+ENTRY_POINT_GROUP = "cycleqd.skills"
+#: Graders of the ``jsonl`` kind (besides ``module:function``).
+GRADERS = ("exact", "normalised", "regex", "numeric", "python", "sql")
+
+
+class WorldSpec(BaseModel):
+    """One of the embedded skill world's skills (``code``, ``os``, ``db``); ``skill`` defaults to the name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["world"] = "world"
+    skill: str | None = None
+    chat: bool = Field(
+        False,
+        description="prompt through the model's chat template (instruction-tuned models such as SmolLM2); "
+        "default: the raw `prompt + Answer:` format the embedded models were trained on",
+    )
+
+
+class JsonlSpec(BaseModel):
+    """A local JSONL file of ``{prompt, answer, ...}`` lines graded by a named grader."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["jsonl"]
+    path: Path | None = Field(None, description="one file, split by a stable hash of each prompt")
+    splits: dict[Literal["train", "calibration", "validation", "test"], Path] | None = Field(
+        None, description="or one file per split"
+    )
+    grader: str = Field(description=f"one of {', '.join(GRADERS)}, or module:function")
+    database: Path | None = Field(None, description="grader sql: the SQLite file the queries run on (read-only)")
+    chat: bool = Field(True, description="prompt through the model's chat template as one user turn (else the raw text)")
+    tolerance: float = Field(1e-6, ge=0, description="grader numeric: relative tolerance")
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+
+    @field_validator("grader")
+    @classmethod
+    def _grader(cls, v: str) -> str:
+        if v not in GRADERS and not re.fullmatch(r"[\w.]+:\w+", v):
+            raise ValueError(f"unknown grader {v!r}: use one of {', '.join(GRADERS)}, or module:function")
+        return v
+
+    @model_validator(mode="after")
+    def _files(self) -> JsonlSpec:
+        if (self.path is None) == (self.splits is None):
+            raise ValueError("give either path (one JSONL file) or splits (one file per split)")
+        for p in [self.path] if self.path else list((self.splits or {}).values()):
+            if not p.is_file():
+                raise ValueError(f"{p}: no such JSONL file")
+        if self.grader == "sql":
+            if self.database is None:
+                raise ValueError("grader sql needs database: the SQLite file its queries run on")
+            if not self.database.is_file():
+                raise ValueError(f"database {self.database}: no such SQLite file")
+        return self
+
+
+class LmEvalSpec(BaseModel):
+    """An lm-evaluation-harness task from local YAML (found through ``include_path``), scored in-process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["lm_eval"]
+    task: str
+    include_path: Path | None = Field(None, description="directory of task YAML files (local data files)")
+    builtin_tasks: bool = Field(False, description="also index lm-eval's own tasks (they download data)")
+    metric: str | None = Field(None, description="per-item metric to use as the score; default: the task's first")
+
+    @field_validator("include_path")
+    @classmethod
+    def _dir(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"include_path {v}: no such directory of task YAML files")
+        return v
+
+
+class PluginSpec(BaseModel):
+    """An evaluator class by import path (``module:Class``) or by its entry-point name in ``cycleqd.skills``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["plugin"]
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the class")
+
+
+class EntryPointSpec(BaseModel):
+    """A kind registered by an installed package (entry point in ``cycleqd.skills``); other fields are options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: str
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in entry_point_names():
+            known = ", ".join(["world", "jsonl", "lm_eval", "plugin", *entry_point_names()])
+            raise ValueError(f"unknown skill kind {v!r}: the kinds are {known}")
+        return v
+
+
+def _spec_tag(v: Any) -> str:
+    kind = v.get("kind", "world") if isinstance(v, dict) else getattr(v, "kind", "world")
+    return kind if kind in ("world", "jsonl", "lm_eval", "plugin") else "entry_point"
+
+
+SkillSpec = Annotated[
+    Annotated[WorldSpec, Tag("world")]
+    | Annotated[JsonlSpec, Tag("jsonl")]
+    | Annotated[LmEvalSpec, Tag("lm_eval")]
+    | Annotated[PluginSpec, Tag("plugin")]
+    | Annotated[EntryPointSpec, Tag("entry_point")],
+    Discriminator(_spec_tag),
+]
+
+
+def normalise_skills(v: Any) -> Any:
+    """A list of names (the format before kinds existed) means world skills; ``{name: null}`` too."""
+    if isinstance(v, list | tuple):
+        if len(set(v)) != len(v):
+            raise ValueError("skills must not repeat")
+        return {name: {"kind": "world"} for name in v}
+    if isinstance(v, dict):
+        return {k: {"kind": "world"} if s is None else s for k, s in v.items()}
+    return v
+
+
+def entry_point_names() -> list[str]:
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def _load_entry_point(name: str, field: str) -> Any:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            try:
+                return ep.load()
+            except Exception as exc:
+                raise EvaluatorError(
+                    f"{field}: entry point {name!r} ({ep.value}) of {ENTRY_POINT_GROUP} cannot be imported: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+    raise EvaluatorError(
+        f"{field}: no entry point {name!r} in group {ENTRY_POINT_GROUP} (installed: {entry_point_names() or 'none'}); "
+        "give module:Class, or install the package that provides it"
+    )
+
+
+def import_object(path: str, field: str) -> Any:
+    """``module:attr`` -> the object; the error names the config field and what failed."""
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise EvaluatorError(f"{field}: {path!r} is not module:name")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:
+        raise EvaluatorError(f"{field}: cannot import module {module!r} ({type(exc).__name__}: {exc})") from exc
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise EvaluatorError(f"{field}: module {module!r} has no {attr!r}") from None
+
+
+def _instantiate(factory: Any, options: Mapping[str, Any], name: str, field: str) -> Evaluator:
+    try:
+        ev = factory(**options)
+    except Exception as exc:
+        raise EvaluatorError(f"{field}: {factory!r}({', '.join(options)}) failed: {type(exc).__name__}: {exc}") from exc
+    if not (callable(getattr(ev, "evaluate", None)) and callable(getattr(ev, "exemplars", None))):
+        raise EvaluatorError(
+            f"{field}: {factory!r} made a {type(ev).__name__}, not an evaluator (it needs evaluate and exemplars; "
+            "subclass evolve.evaluators.base.Evaluator)"
+        )
+    if not getattr(ev, "name", None):
+        ev.name = name
+    return ev
+
+
+def build(name: str, spec: BaseModel) -> Evaluator:
+    """The evaluator of one configured skill. Errors name the config field (``skills.<name>.<field>``)."""
+    field = f"skills.{name}"
+    if isinstance(spec, WorldSpec):
+        from evolve.evaluators import UnknownSkillError, get_skill
+
+        try:
+            task = get_skill(spec.skill or name)
+            task.chat = spec.chat
+            return task
+        except UnknownSkillError as exc:
+            raise EvaluatorError(f"{field}: {exc} (or give a kind: jsonl, lm_eval, plugin)") from exc
+    if isinstance(spec, JsonlSpec):
+        from evolve.evaluators.jsonl import JsonlEvaluator
+
+        return JsonlEvaluator(name, spec)
+    if isinstance(spec, LmEvalSpec):
+        from evolve.evaluators.lm_eval import LmEvalEvaluator
+
+        return LmEvalEvaluator(name, spec)
+    if isinstance(spec, PluginSpec):
+        if ":" in spec.name:
+            factory = import_object(spec.name, f"{field}.name")
+        else:
+            factory = _load_entry_point(spec.name, f"{field}.name")
+        return _instantiate(factory, spec.options, name, f"{field}.name")
+    if isinstance(spec, EntryPointSpec):
+        factory = _load_entry_point(spec.kind, f"{field}.kind")
+        return _instantiate(factory, spec.model_extra or {}, name, f"{field}.kind")
+    raise EvaluatorError(f"{field}: not a skill spec ({type(spec).__name__})")
+
+
+def build_all(skills: Mapping[str, BaseModel]) -> dict[str, Evaluator]:
+    """Every configured skill's evaluator, in the configured order."""
+    return {name: build(name, spec) for name, spec in skills.items()}

@@ -1,0 +1,75 @@
+"""A run mixing kinds: the world's ``code``, a JSONL skill graded by SQL on a SQLite file and an lm-eval task from
+local YAML. It completes, resumes after SIGKILL to the uninterrupted archive, and reports on test."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from rich.console import Console
+
+from evolve.report import report
+from evolve.run import STATE_FILE, Evolution, RunState, archive_ids, genomes_equal
+from tests.evolve.evaluators.data import lm_eval_task, shop_database, sql_jsonl
+from tests.evolve.minis import mini_evolve_config
+from tests.evolve.test_run import _generation
+
+SKILLS = {"code": "code", "sql": "db", "shell": "os"}  # skill -> the mini expert trained for it
+
+
+@pytest.fixture()
+def mixed_config(tmp_path, mini_models, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    models = tmp_path / "models"
+    (models / "experts").mkdir(parents=True)
+    for d in ("base", "multitask"):
+        (models / d).symlink_to(mini_models / d)
+    for skill, expert in SKILLS.items():
+        (models / "experts" / skill).symlink_to(mini_models / "experts" / expert)
+    skills = {
+        "code": {"kind": "world"},
+        "sql": {"kind": "jsonl", "path": sql_jsonl(tmp_path / "sql.jsonl"), "grader": "sql",
+                "database": shop_database(tmp_path / "shop.sqlite")},
+        "shell": {"kind": "lm_eval", "task": "world_shell", "include_path": lm_eval_task(tmp_path / "tasks")},
+    }  # fmt: skip
+    return mini_evolve_config(models, skills=skills, ranges=dict.fromkeys(SKILLS, (0.0, 1.0)), generations=5)
+
+
+@pytest.mark.slow
+def test_a_run_mixing_kinds_completes_resumes_after_sigkill_and_reports_on_test(tmp_path, mixed_config):
+    cfg = mixed_config
+    reference = Evolution(tmp_path / "ref", cfg)
+    reference.run()
+    st = reference.state
+    assert st.generation == 5 and set(st.archives) == set(SKILLS)
+    assert all(set(e["validation"]) == set(SKILLS) for e in st.elites.values())
+    assert any(e["validation"]["sql"] > 0 for e in st.elites.values())  # the experts answer some SQL right
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "evolve", "run", "--out", str(run_dir), "--config", str(tmp_path / "cfg.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while _generation(run_dir / STATE_FILE) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = _generation(run_dir / STATE_FILE)
+    assert 2 <= stopped_at < 5, "the run must be killed part-way"
+    subprocess.run([*cmd[:-2], "--resume"], check=True, stdout=subprocess.DEVNULL, timeout=600)
+    resumed = RunState.load(run_dir / STATE_FILE)
+    assert archive_ids(resumed) == archive_ids(st)
+    assert genomes_equal(resumed, st)
+
+    result = report([run_dir], Console(quiet=True), all_elites=False)
+    rows = result["rows"]
+    assert set(rows["CycleQD best elite"]) == {*SKILLS, "mean"}
+    for row in ("base", "expert:sql", "expert:shell", "CycleQD aggregate"):
+        assert all(0.0 <= rows[row][s][0] <= 1.0 for s in SKILLS)
+    # the sql expert (the world db expert) is better at the JSONL SQL skill than the base
+    assert rows["expert:sql"]["sql"][0] > rows["base"]["sql"][0]
