@@ -20,7 +20,9 @@ class Echo:
         self.answers = answers
         self.seen: list[str] = []
 
-    def generate(self, prompts, *, max_new_tokens):
+    def generate(self, prompts, *, max_new_tokens, chat=False):
+        # what the prompt looks like after the chat template of the embedded models
+        prompts = [p + "\nAnswer:" for p in prompts] if chat else list(prompts)
         self.seen += prompts
         return [self.answers.get(p.removesuffix("\nAnswer:"), "no idea") for p in prompts]
 
