@@ -61,7 +61,7 @@ class JsonlSpec(BaseModel):
     )
     grader: str = Field(description=f"one of {', '.join(GRADERS)}, or module:function")
     database: Path | None = Field(None, description="grader sql: the SQLite file the queries run on (read-only)")
-    chat: bool = Field(True, description="prompt through the model's chat template as one user turn (else the raw text)")
+    chat: bool = Field(True, description="prompt through the model's chat template as one user turn, else raw text")
     tolerance: float = Field(1e-6, ge=0, description="grader numeric: relative tolerance")
     max_new_tokens: int = Field(64, ge=1, le=4096)
 
