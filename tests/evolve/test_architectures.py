@@ -169,6 +169,17 @@ def test_mismatched_experts_and_unsafe_checkpoints_are_refused_before_any_work(p
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
     with pytest.raises(ModelError, match=r"pytorch_model\.bin: a pickle checkpoint; it is never unpickled"):
         check_population(root / "base", {"code": root / "code", "os": pickled})
+    # as a user meets it: exit 2, the file named, no run directory created
+    import yaml
+
+    cfg = _cfg(root).model_dump(mode="json")
+    cfg["population"]["experts"]["os"] = str(bad)
+    (tmp_path / "evolve.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run(
+        [sys.executable, "-m", "evolve", "run", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "evolve.yaml")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2 and "bad/config.json" in out.stderr and "num_hidden_layers" in out.stderr, out.stderr
     assert not (tmp_path / "run").exists()
 
 
