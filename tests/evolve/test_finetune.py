@@ -161,3 +161,21 @@ def test_two_tiny_experts_from_smollm2(smollm2_dir, tmp_path):
         assert len(moved) > len(base) // 2
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "db")
     assert model.config.tie_word_embeddings and model.num_parameters() == 134515008
+    # ... and one generation of CycleQD over them (chat format, auto rank cap), as a user's population
+    from evolve.run import Evolution, EvolveConfig
+
+    cfg = EvolveConfig(
+        population={"base": smollm2_dir, "experts": {s: tmp_path / s for s in ("code", "db")}},
+        skills={s: {"kind": "world", "chat": True} for s in ("code", "db")},
+        generations=1,
+        children_per_generation=1,
+        validation_items=2,
+        test_items=2,
+        bins=2,
+        ranges={"code": (0.0, 1.0), "db": (0.0, 1.0)},
+    )
+    ev = Evolution(tmp_path / "run", cfg)
+    assert cfg.rank_cap() == "auto" and not cfg.svd_embeddings()
+    assert max(ev.bases.errors) > 0  # capped: about one model's size, not full rank
+    ev.run()
+    assert ev.state.generation == 1 and len(ev.state.elites) >= 2
