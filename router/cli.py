@@ -24,7 +24,7 @@ PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="routing policy
 
 
 def load_policy(path: Path | None):
-    from evolve.configfile import ConfigError, load_yaml_model
+    from router.configfile import ConfigError, load_yaml_model
     from router.policy import RoutingPolicy
 
     try:
