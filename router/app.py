@@ -1,7 +1,8 @@
 """The OpenAI-compatible gateway (FastAPI): routes, authentication and start-up; the work is elsewhere.
 
-Per request: authenticate and limit (here), parse and validate (``router.protocol``), decide (``router.decision``),
-forward and relay (``router.upstream``). Every response names the elite, the weights and the reason in headers.
+Per request: authenticate (one dependency on every route) and limit (here), parse and validate
+(``router.protocol``), decide (``router.decision``), forward and relay (``router.upstream``). Every response names
+the elite, the weights and the reason in headers.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import os
 import signal
@@ -19,9 +19,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -34,9 +35,11 @@ from router.protocol import (
     APIError,
     body_doc,
     error_response,
+    parse_json,
     request_text,
     validate_body,
 )
+from router.tracing import RequestIdMiddleware, upstream_headers
 from router.upstream import forward, make_client
 from serve.manifest import Health
 
@@ -49,11 +52,12 @@ def create_app(router: Router) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         router.client = make_client(router.policy)
-        router.refresh_manifest(force=True)
-        if router.classifier is None or not isinstance(router.classifier, tuple) or len(router.classifier) != 2:
-            await asyncio.to_thread(router.build_classifier)
+        await asyncio.to_thread(router.refresh_manifest, True)
+        router.check_policy()  # an alias the manifest cannot serve stops the start (ConfigError names it)
+        router.start_classifier()  # in the background: the server answers at once
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread: no SIGHUP
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _sighup)
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, _sighup))
 
         async def poll_manifests() -> None:  # URL sources are fetched here, off the request path
             while True:
@@ -64,6 +68,8 @@ def create_app(router: Router) -> FastAPI:
         poller = asyncio.create_task(poll_manifests())
         yield
         poller.cancel()
+        if router.classifier_task is not None:
+            router.classifier_task.cancel()
         await router.client.aclose()
 
     def _sighup() -> None:
@@ -73,12 +79,51 @@ def create_app(router: Router) -> FastAPI:
         except ConfigError as exc:
             log.error("policy not reloaded, the old one stays: %s", exc)
 
-    app = FastAPI(title="cycleqd-router", version="1", lifespan=lifespan)
+    def authenticate(request: Request) -> None:
+        """The one authentication of every route; ``request.state.client_key`` is what the rate limit counts under.
+
+        ``/health`` is public (probes carry no keys and it says only healthy or not); ``/metrics`` is public only
+        with ``metrics_public``; ``/admin/*`` needs the admin key; everything else (the API, ``/docs``,
+        ``/openapi.json``) needs an API key when keys are set.
+        """
+        path, pol = request.url.path, router.policy
+        request.state.client_key = request.client.host if request.client else "unknown"
+        if path == "/health" or (path == "/metrics" and pol.metrics_public):
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+        if path.startswith("/admin/"):
+            key = os.environ.get(pol.admin_key_env, "")
+            if not key:
+                raise APIError(403, f"admin endpoints are disabled: set {pol.admin_key_env}", "admin_disabled")
+            if not hmac.compare_digest(given, key.encode()):
+                raise APIError(401, "missing or wrong admin key", "invalid_api_key")
+            return
+        keys = pol.api_keys()
+        if not keys:
+            return
+        match = False
+        for k in keys:  # every key compared, in constant time each
+            match |= hmac.compare_digest(given, k.encode())
+        if not match:
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
+        request.state.client_key = hashlib.sha256(given).hexdigest()[:16]
+
+    app = FastAPI(
+        title="cycleqd-router", version="1", lifespan=lifespan, dependencies=[Depends(authenticate)],
+        docs_url=None, redoc_url=None, openapi_url=None,  # served below, behind the same authentication
+    )  # fmt: skip
     app.state.router = router
+    app.add_middleware(RequestIdMiddleware)
+
+    def _with_id(request: Request, response: JSONResponse) -> JSONResponse:
+        rid = getattr(request.state, "request_id", None)
+        if rid:
+            response.headers["x-request-id"] = rid
+        return response
 
     @app.exception_handler(APIError)
     async def _api_error(_req: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.code, exc.param)
+        return error_response(exc.status, exc.message, exc.code, exc.param, **(exc.headers or {}))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -88,26 +133,23 @@ def create_app(router: Router) -> FastAPI:
     async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(400, f"invalid request: {exc.errors()[0].get('msg', 'bad input')}")
 
-    def authenticate(request: Request) -> str:
-        keys = router.policy.api_keys()
-        client = request.client.host if request.client else "unknown"
-        if not keys:
-            return client
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
-        match = False
-        for k in keys:  # every key compared, in constant time each
-            match |= hmac.compare_digest(given, k.encode())
-        if not match:
-            raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
-        return hashlib.sha256(given).hexdigest()[:16]
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # outside the middleware stack (Starlette's ServerErrorMiddleware): add the request id here
+        return _with_id(request, internal_error(request, exc))
 
-    async def proxy(request: Request, kind: str, path: str) -> Response:
-        route = path
+    def internal_error(request: Request, exc: BaseException) -> JSONResponse:
+        rid = getattr(request.state, "request_id", "?")
+        log.error("request %s: unexpected %s: %s", rid, type(exc).__name__, exc, exc_info=exc)
+        return error_response(
+            500, f"internal error in the router (request id {rid}); its log has the details", "internal_error"
+        )
+
+    async def proxy(request: Request, kind: str, route: str) -> Response:
         t0 = time.perf_counter()
         status = 500
         try:
-            key = authenticate(request)
-            if router.limiter and not router.limiter.take(key):
+            if router.limiter and not router.limiter.take(request.state.client_key):
                 raise APIError(429, "rate limit exceeded for this key; retry later", "rate_limit_exceeded")
             limit = router.policy.max_body_bytes
             declared = request.headers.get("content-length")
@@ -118,19 +160,25 @@ def create_app(router: Router) -> FastAPI:
                 raw += chunk
                 if len(raw) > limit:
                     raise APIError(413, f"request body exceeds {limit} bytes", "request_too_large")
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
-            body = validate_body(body, kind)
+            body = validate_body(parse_json(raw), kind)
             router.refresh_manifest()
-            candidates, weights, reason = router.decide(body, request.headers, request_text(body))
-            response = await forward(router, body, candidates, weights, reason, route, t0)
+            text = request_text(body)
+            if router.needs_classifier(body, request.headers):
+                await router.wait_classifier()
+                # the classifier is a few ms of numpy: off the event loop, so other requests keep flowing
+                decision = await asyncio.to_thread(router.decide, body, request.headers, text)
+            else:
+                decision = router.decide(body, request.headers, text)
+            candidates, weights, reason = decision
+            trace = upstream_headers(request.state)
+            response = await forward(router, body, candidates, weights, reason, route, t0, trace)
             status = response.status_code
             return response
         except APIError as exc:
             status = exc.status
-            return error_response(exc.status, exc.message, exc.code, exc.param)
+            return error_response(exc.status, exc.message, exc.code, exc.param, **(exc.headers or {}))
+        except Exception as exc:  # a bug must still answer in OpenAI's format
+            return internal_error(request, exc)
         finally:
             router.metrics.requests.labels(route, str(status)).inc()
             router.metrics.latency.labels(route).observe(time.perf_counter() - t0)
@@ -144,8 +192,7 @@ def create_app(router: Router) -> FastAPI:
         return await proxy(request, "completions", "/v1/completions")
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
-    async def models(request: Request) -> dict[str, Any]:
-        authenticate(request)
+    async def models() -> dict[str, Any]:
         router.refresh_manifest()
         m = router.manifest
         data: list[dict[str, Any]] = []
@@ -176,28 +223,26 @@ def create_app(router: Router) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """Healthy (some elite can be served) or not; nothing else, since it is public."""
         router.refresh_manifest()
         m = router.manifest
-        ready = [e.id for e in m.elites if router.healthy(e)] if m else []
-        body = {
-            "status": "ok" if ready else "degraded",
-            "healthy_elites": len(ready),
-            "manifests": router.policy.manifests,
-        }
-        return JSONResponse(body, status_code=200 if ready else 503)
+        ok = m is not None and any(router.healthy(e) for e in m.elites)
+        return JSONResponse({"status": "ok" if ok else "degraded"}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="cycleqd-router")
+
     @app.post("/admin/reload", responses=ERROR_RESPONSES)
-    async def reload(request: Request) -> dict[str, Any]:
-        key = os.environ.get(router.policy.admin_key_env, "")
-        if not key:
-            raise APIError(403, f"admin endpoints are disabled: set {router.policy.admin_key_env}", "admin_disabled")
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), key.encode()):
-            raise APIError(401, "missing or wrong admin key", "invalid_api_key")
+    async def reload() -> dict[str, Any]:
         try:
             new = await asyncio.to_thread(router.reload_policy)
         except ConfigError as exc:

@@ -7,8 +7,13 @@ weights (pinned elite > alias > header > classifier) and ranks the healthy elite
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import logging
+import os
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +28,39 @@ from router.policy import RoutingPolicy
 from router.protocol import APIError
 from router.selection import Breaker, normalise, parse_weights, rank
 from serve.manifest import EliteEntry, Health, ServingManifest
+
+log = logging.getLogger("cycleqd.router")
+
+#: How long a request that needs the classifier waits for it at start-up before a 503 with Retry-After.
+CLASSIFIER_WAIT_S = 2.0
+
+
+def engine_key() -> str | None:
+    """The key the engines were started with (``vllm serve --api-key``): ``CYCLEQD_ENGINE_KEY``, or the file named
+    by ``CYCLEQD_ENGINE_KEY_FILE``. Never from the manifest, which anyone who can read the router's volume reads."""
+    key = os.environ.get("CYCLEQD_ENGINE_KEY", "").strip()
+    path = os.environ.get("CYCLEQD_ENGINE_KEY_FILE", "").strip()
+    if not key and path:
+        try:
+            key = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"CYCLEQD_ENGINE_KEY_FILE={path}: cannot read the engine key ({exc})") from exc
+        if not key:
+            raise ConfigError(f"CYCLEQD_ENGINE_KEY_FILE={path}: the file is empty; write the engines' key in it")
+    return key or None
+
+
+def alias_problems(policy: RoutingPolicy, skills: list[str]) -> list[str]:
+    """Aliases whose weights name skills the serving manifest does not have (they could never be routed)."""
+    out = []
+    for name, w in policy.aliases.items():
+        unknown = [k for k in w if k not in skills] if isinstance(w, dict) else []
+        if unknown:
+            out.append(
+                f"alias {name!r} names skill(s) {', '.join(unknown)} that the serving manifest does not serve "
+                f"(it serves {', '.join(skills)}); fix field 'aliases.{name}' of the policy"
+            )
+    return out
 
 
 class Router:
@@ -40,6 +78,9 @@ class Router:
         self.inflight: Counter[str] = Counter()
         self.limiter = TokenBucket(policy.rate_limit_per_minute) if policy.rate_limit_per_minute else None
         self.client: httpx.AsyncClient | None = None
+        self.engine_key = engine_key()
+        self.classifier_task: asyncio.Future[None] | None = None  # the background build at start-up
+        self.classifier_error: str | None = None
 
     # -- state -----------------------------------------------------------------------------------------------
     @property
@@ -66,17 +107,75 @@ class Router:
         )  # fmt: skip
         self.classifier, self.classifier_report = (encoder, clf), report
 
+    @property
+    def classifier_ready(self) -> bool:
+        return isinstance(self.classifier, tuple) and len(self.classifier) == 2 and self.classifier[1] is not None
+
+    def start_classifier(self) -> None:
+        """Build the classifier in a background thread, so that the server answers at once (requests that name
+        their skills, an elite or an alias need no classifier); must be called on the event loop.
+
+        A daemon thread rather than the loop's executor: a router stopped during the build exits at once instead of
+        waiting for the embeddings it will not use."""
+        if self.classifier_ready or self.classifier_task is not None:
+            return
+        loop = asyncio.get_running_loop()
+        task: asyncio.Future[None] = loop.create_future()
+
+        def build() -> None:
+            try:
+                self.build_classifier()
+            except Exception as exc:
+                self.classifier_error = f"{type(exc).__name__}: {exc}"
+                log.error("the skill classifier could not be built: %s", self.classifier_error)
+            with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody waits
+                loop.call_soon_threadsafe(lambda: task.done() or task.set_result(None))
+
+        self.classifier_task = task
+        threading.Thread(target=build, name="classifier-build", daemon=True).start()
+
+    async def wait_classifier(self, timeout: float = CLASSIFIER_WAIT_S) -> None:
+        """Return once the classifier is ready; a clear 503 (with Retry-After) if it is not within ``timeout``."""
+        if self.classifier_ready:
+            return
+        if self.classifier_task is not None and not self.classifier_task.done():
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(self.classifier_task), timeout)
+        if self.classifier_ready:
+            return
+        if self.classifier_error:
+            raise APIError(
+                503, f"the skill classifier failed to build ({self.classifier_error}); name a skill alias, an "
+                f"elite or the {self.policy.weights_header} header instead", "classifier_failed",
+            )  # fmt: skip
+        raise APIError(
+            503, "the skill classifier is still starting (embedding its exemplars); retry in a few seconds, or name "
+            f"a skill alias, an elite or the {self.policy.weights_header} header", "classifier_starting",
+            headers={"retry-after": "5"},
+        )  # fmt: skip
+
+    def check_policy(self, policy: RoutingPolicy | None = None) -> None:
+        """Refuse a policy the current manifest cannot serve (ConfigError naming the alias and the skills)."""
+        policy = policy or self.policy
+        if self.manifest is not None and (problems := alias_problems(policy, self.manifest.skills)):
+            where = f"{self.policy_path}: " if self.policy_path else ""
+            raise ConfigError(where + "; ".join(problems))
+
     def reload_policy(self) -> RoutingPolicy:
         """Re-read the policy file; on any error keep the current policy and raise ConfigError."""
         if self.policy_path is None:
             raise ConfigError("the router was started without a policy file; there is nothing to reload")
         new = load_yaml_model(self.policy_path, RoutingPolicy)
+        manifests = self.manifests
+        if new.manifests != self.policy.manifests:
+            manifests = ManifestSet(new.manifests)
+            manifests.refresh(urls=True)
+        if manifests.merged is not None and (problems := alias_problems(new, manifests.merged.skills)):
+            raise ConfigError(f"{self.policy_path}: " + "; ".join(problems))
+        key = engine_key()
         old = self.policy
-        self.policy = new
+        self.policy, self.manifests, self.engine_key = new, manifests, key
         self.limiter = TokenBucket(new.rate_limit_per_minute) if new.rate_limit_per_minute else None
-        if new.manifests != old.manifests:
-            self.manifests = ManifestSet(new.manifests)
-            self.refresh_manifest(force=True)
         if new.classifier != old.classifier:
             self.build_classifier()
         return new
@@ -92,8 +191,17 @@ class Router:
         return self.manifest.health_of(elite) == Health.READY and self.breaker(elite.engine_id).allows()
 
     # -- decisions -------------------------------------------------------------------------------------------
+    def needs_classifier(self, body: dict[str, Any], headers: Any) -> bool:
+        """Whether ``decide`` will run the classifier: model 'auto'-like alias and no weights header."""
+        m, model = self.manifest, body.get("model")
+        if m is None or any(e.id == model for e in m.elites):
+            return False
+        return self.policy.aliases.get(model) == "auto" and self.policy.weights_header not in headers
+
     def classify(self, text: str) -> dict[str, float]:
-        assert self.classifier is not None and self.manifest is not None
+        if not self.classifier_ready:
+            raise APIError(503, "the skill classifier is still starting", "classifier_starting")
+        assert self.manifest is not None
         t0 = time.perf_counter()
         encoder, clf = self.classifier
         p = clf.proba(encoder.encode([text]))[0]
@@ -123,10 +231,11 @@ class Router:
             )
         alias = pol.aliases[model]
         if isinstance(alias, dict):
-            weights, reason = (
-                normalise({k: v for k, v in alias.items() if k in m.skills} or {m.skills[0]: 0}),
-                f"alias:{model}",
-            )
+            if problems := alias_problems(pol.model_copy(update={"aliases": {model: alias}}), m.skills):
+                raise APIError(
+                    503, f"{problems[0]} (the manifest changed after the policy was loaded)", "alias_not_served"
+                )
+            weights, reason = normalise(alias), f"alias:{model}"
         elif pol.weights_header in headers:
             try:
                 weights, reason = parse_weights(headers[pol.weights_header], m.skills), "header"
@@ -134,20 +243,26 @@ class Router:
                 raise APIError(400, f"header {pol.weights_header}: {exc}", "invalid_weights") from exc
         else:
             weights, reason = self.classify(text), "classifier"
-        session = headers.get(pol.session_header) or conversation_key(body)
+        explicit = headers.get(pol.session_header)
         ranked = rank(
             m.elites, weights, healthy=self.healthy, load=lambda e: self.inflight[e.engine_id], margin=pol.margin,
-            session=session,
+            session=explicit or conversation_key(body),
         )  # fmt: skip
         if not ranked:
             raise APIError(503, "no healthy elite is being served right now; retry later", "no_healthy_upstream")
-        return ranked, weights, reason + (":session" if session else "")
+        return ranked, weights, reason + (":session" if explicit else "")
 
 
 def conversation_key(body: dict[str, Any]) -> str | None:
-    """A multi-turn chat (more than one user turn) is keyed by its first messages, so its turns stay together."""
+    """The episode a chat belongs to, from what its first turn already has: every message up to and including the
+    first user message (the system prompt and the task). Later turns only append (assistant replies, tool calls and
+    results, more user messages), so turn 1 and every later turn hash alike and land on the same elite, on every
+    replica. A chat with no user message, and a plain completion, have no key (they go by load)."""
     msgs = body.get("messages")
-    if not isinstance(msgs, list) or sum(1 for m in msgs if m.get("role") == "user") < 2:
+    if not isinstance(msgs, list):
         return None
-    head = [m for m in msgs[:3] if m.get("role") in ("system", "user")][:2]
-    return hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode()).hexdigest()
+    for i, msg in enumerate(msgs):
+        if isinstance(msg, dict) and msg.get("role") == "user":
+            head = [[m.get("role"), m.get("content")] for m in msgs[: i + 1] if isinstance(m, dict)]
+            return hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode()).hexdigest()
+    return None
