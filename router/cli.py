@@ -76,7 +76,12 @@ def serve(
                 console.print(f"cycleqd-router on http://{host}:{port}/v1, manifest {', '.join(pol.manifests)}")
                 sys.stdout.flush()
 
-    config = uvicorn.Config(create_app(router), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    # keep-alive longer than a load balancer's idle timeout (60 s is common): else the router may close a connection
+    # just as the balancer or a client sends the next request on it, which they see as a reset
+    config = uvicorn.Config(
+        create_app(router), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
+        timeout_keep_alive=75,
+    )  # fmt: skip
     Announcing(config).run()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -125,6 +126,8 @@ class Router:
         def build() -> None:
             try:
                 self.build_classifier()
+                gc.collect()
+                gc.freeze()  # the classifier's objects live as long as the router: keep them out of GC walks
             except Exception as exc:
                 self.classifier_error = f"{type(exc).__name__}: {exc}"
                 log.error("the skill classifier could not be built: %s", self.classifier_error)
