@@ -196,6 +196,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--no-cold-start", action="store_true", help="skip the empty-cache start-up measurement")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reliability_router.json")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="reliability-router-"))
@@ -234,7 +235,7 @@ def main() -> None:
             ("router", f"http://127.0.0.1:{rport}/v1/chat/completions", "coder", router.pid),
         ):
             results[name] = asyncio.run(load(url, model, args.requests, args.concurrency, pid))
-        start = cold_start(policy, tmp)
+        start = None if args.no_cold_start else cold_start(policy, tmp)
     finally:
         for p in procs:
             p.terminate()
@@ -254,13 +255,15 @@ def main() -> None:
     ratios = {k: rt[k] / pt[k] for k in ("p50_ms", "p90_ms", "p99_ms")}
     table.add_row("router / pass-through", "", *(f"{ratios[k]:.2f}x" for k in ratios), "", "", "", "")
     console.print(table)
-    console.print(
-        f"cold start (empty cache dir): URL announced after {start['url_announced_s']:.2f} s, /v1/models answered "
-        f"after {start['models_answered_s']:.2f} s (a bare pass-through answers after {start['passthrough_s']:.2f} s); "
-        f"meanwhile a pinned request got {start['pinned_status']}, one needing the classifier "
-        f"{start['classifier_request_status']} ({start['classifier_request_code']}) in "
-        f"{start['classifier_request_s']:.2f} s"
-    )
+    if start:
+        console.print(
+            f"cold start (empty cache dir): URL announced after {start['url_announced_s']:.2f} s, /v1/models "
+            f"answered after {start['models_answered_s']:.2f} s (a bare pass-through answers after "
+            f"{start['passthrough_s']:.2f} s); "
+            f"meanwhile a pinned request got {start['pinned_status']}, one needing the classifier "
+            f"{start['classifier_request_status']} ({start['classifier_request_code']}) in "
+            f"{start['classifier_request_s']:.2f} s"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"machine": platform.platform(), "cpus": os.cpu_count(), "concurrency": args.concurrency,
               "results": results, "ratios": ratios, "cold_start": start}  # fmt: skip
