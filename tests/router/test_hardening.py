@@ -329,3 +329,19 @@ def test_the_router_presents_the_engine_key(tmp_path, upstreams, classifier, mon
         upstreams["coder"].api_key = "rotated"  # an engine that refuses the router's key is a server fault
         err = assert_openai_error(post(r, {"model": "coder", "messages": msgs()}), 502)
         assert "CYCLEQD_ENGINE_KEY" in err["message"]
+
+
+def test_breaker_states_one_trial_that_expires_if_never_reported():
+    from router.selection import Breaker
+
+    b = Breaker(failures=2, reset_s=10.0)
+    b.record(False)
+    assert b.acquire(now=0.0)  # one failure: still closed
+    b.record(False)
+    opened = b.opened_at
+    assert opened is not None and not b.allows(opened + 5) and not b.acquire(opened + 5)
+    assert b.allows(opened + 10) and b.acquire(opened + 10)  # half-open: the trial
+    assert not b.allows(opened + 11) and not b.acquire(opened + 11)  # only one
+    assert b.acquire(opened + 20.5)  # the first trial never reported back: another one, not a lock-out
+    b.record(True)
+    assert b.opened_at is None and b.acquire(opened + 21) and b.acquire(opened + 21)
