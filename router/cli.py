@@ -24,7 +24,7 @@ PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="routing policy
 
 
 def load_policy(path: Path | None):
-    from evolve.configfile import ConfigError, load_yaml_model
+    from router.configfile import ConfigError, load_yaml_model
     from router.policy import RoutingPolicy
 
     try:
@@ -44,17 +44,45 @@ def serve(
         list[str] | None, typer.Option(help="serving manifest file or URL (repeatable); overrides the policy's")
     ] = None,
 ) -> None:
-    """Run the gateway. SIGHUP or POST /admin/reload (admin key) reloads the policy file."""
+    """Run the gateway. SIGHUP or POST /admin/reload (admin key) reloads the policy file.
+
+    The server answers at once; the skill classifier is built in the background (requests that name an elite, an
+    alias or the weights header are served meanwhile). The URL is printed once the server answers.
+    """
+    import sys
+
     import uvicorn
 
     from router.app import Router, create_app
+    from router.configfile import ConfigError
 
     pol = load_policy(policy)
     if manifest:
         pol = pol.model_copy(update={"manifest": manifest})
-    router = Router(pol, policy_path=policy)
-    console.print(f"cycleqd-router on http://{host}:{port}/v1, manifest {', '.join(pol.manifests)}")
-    uvicorn.run(create_app(router), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    try:
+        router = Router(pol, policy_path=policy)
+        router.refresh_manifest(force=True)
+        router.check_policy()
+    except ConfigError as exc:
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+
+    class Announcing(uvicorn.Server):
+        async def startup(self, sockets: list | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # listening: a client may connect now
+                console.print(f"cycleqd-router on http://{host}:{port}/v1, manifest {', '.join(pol.manifests)}")
+                sys.stdout.flush()
+
+    # keep-alive longer than a load balancer's idle timeout (60 s is common): else the router may close a connection
+    # just as the balancer or a client sends the next request on it, which they see as a reset
+    config = uvicorn.Config(
+        create_app(router), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
+        timeout_keep_alive=75,
+    )  # fmt: skip
+    Announcing(config).run()
 
 
 @app.command()

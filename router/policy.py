@@ -63,6 +63,7 @@ class RoutingPolicy(BaseModel):
     api_keys_env: str = Field("CYCLEQD_API_KEYS", description="comma-separated keys")
     admin_key_env: str = Field("CYCLEQD_ROUTER_ADMIN_KEY", description="key for POST /admin/reload")
     cache_dir: Path = Field(Path(".cache/router"), description="classifier exemplar embeddings")
+    metrics_public: bool = Field(False, description="serve /metrics without an API key even when keys are set")
 
     @field_validator("aliases")
     @classmethod

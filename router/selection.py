@@ -52,19 +52,40 @@ def rank(
 
 @dataclass
 class Breaker:
-    """Per-endpoint circuit breaker: open after N consecutive failures, one trial after ``reset_s``."""
+    """Per-endpoint circuit breaker: open after N consecutive failures; after ``reset_s``, half-open: exactly one
+    trial request goes through (``acquire``), and its outcome closes the circuit or opens it again.
+
+    ``allows`` only asks (ranking asks it of every elite, most of which are then not tried); ``acquire`` is called
+    just before a request is sent and takes the trial. A trial whose outcome never comes (its client went away
+    first) is presumed lost after another ``reset_s``, so an engine is never shut out for good.
+    """
 
     failures: int
     reset_s: float
     count: int = 0
     opened_at: float | None = None
+    trial_at: float | None = None
 
     def allows(self, now: float | None = None) -> bool:
         if self.opened_at is None:
             return True
-        return (now or time.monotonic()) - self.opened_at >= self.reset_s  # half-open: let one through
+        now = time.monotonic() if now is None else now
+        if now - self.opened_at < self.reset_s:
+            return False
+        return self.trial_at is None or now - self.trial_at >= self.reset_s
+
+    def acquire(self, now: float | None = None) -> bool:
+        """May a request be sent now? When half-open, the first caller gets the trial and the rest are refused."""
+        if self.opened_at is None:
+            return True
+        now = time.monotonic() if now is None else now
+        if not self.allows(now):
+            return False
+        self.trial_at = now
+        return True
 
     def record(self, ok: bool) -> None:
+        self.trial_at = None
         if ok:
             self.count, self.opened_at = 0, None
         else:

@@ -2,8 +2,10 @@
 
 It answers ``/v1/chat/completions`` and ``/v1/completions`` (JSON or SSE) and ``/health``. Its ``mode`` decides
 how it misbehaves: ``ok``, ``slow`` (waits ``delay`` before the headers), ``error`` (HTTP 500), ``close`` (closes
-the connection without answering), ``die_midstream`` (sends the headers and two chunks, then closes). It records
-the bodies it received so tests can check what was forwarded.
+the connection without answering), ``die_midstream`` (sends the headers and two chunks, then closes),
+``die_mid_event`` (two chunks, then half of the third event, then closes). With ``api_key`` set it answers 401 to
+requests without ``Authorization: Bearer <api_key>``, as ``vllm serve --api-key`` does. It records the bodies and
+the headers it received so tests can check what was forwarded.
 """
 
 from __future__ import annotations
@@ -17,11 +19,19 @@ from typing import Any
 
 class FakeUpstream:
     def __init__(
-        self, *, mode: str = "ok", delay: float = 0.0, chunks: int = 4, pause: float = 0.0, name: str = "fake"
+        self,
+        *,
+        mode: str = "ok",
+        delay: float = 0.0,
+        chunks: int = 4,
+        pause: float = 0.0,
+        name: str = "fake",
+        api_key: str | None = None,
     ) -> None:
-        self.mode, self.delay, self.chunks, self.name = mode, delay, chunks, name
+        self.mode, self.delay, self.chunks, self.name, self.api_key = mode, delay, chunks, name, api_key
         self.pause = pause  # seconds between the first and the second chunk of a stream
         self.received: list[dict[str, Any]] = []
+        self.received_headers: list[dict[str, str]] = []
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -59,7 +69,7 @@ class FakeUpstream:
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                keep = await self._respond(method, path, body, writer)
+                keep = await self._respond(method, path, body, writer, headers)
                 if not keep:
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
@@ -67,12 +77,18 @@ class FakeUpstream:
         finally:
             writer.close()
 
-    async def _respond(self, method: str, path: str, body: bytes, w: asyncio.StreamWriter) -> bool:
+    async def _respond(
+        self, method: str, path: str, body: bytes, w: asyncio.StreamWriter, headers: dict[str, str]
+    ) -> bool:
         if path == "/health":
             await self._send(w, 200, b"{}")
             return True
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            await self._send(w, 401, json.dumps({"error": "Unauthorized"}).encode())
+            return True
         req = json.loads(body or b"{}")
         self.received.append(req)
+        self.received_headers.append(headers)
         mode = self.mode
         if mode == "slow":
             await asyncio.sleep(self.delay)
@@ -88,7 +104,9 @@ class FakeUpstream:
                 b"connection: close\r\n\r\n"
             )
             for i in range(self.chunks):
-                if mode == "die_midstream" and i == 2:
+                if mode in ("die_midstream", "die_mid_event") and i == 2:
+                    if mode == "die_mid_event":
+                        self._chunk(w, b'data: {"id": "x", "object": "chat.comp')
                     await w.drain()
                     return False
                 delta = {"delta": {"content": f"tok{i} "}} if chat else {"text": f"tok{i} "}
@@ -121,7 +139,7 @@ class FakeUpstream:
 
     @staticmethod
     async def _send(w: asyncio.StreamWriter, status: int, body: bytes) -> None:
-        reason = {200: "OK", 500: "Internal Server Error"}.get(status, "X")
+        reason = {200: "OK", 401: "Unauthorized", 500: "Internal Server Error"}.get(status, "X")
         head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
         w.write(head.encode() + body)
         await w.drain()

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -24,15 +25,17 @@ ELITES = {
 }
 
 
+#: The exemplar embeddings of the test classifier are kept between test sessions (they are deterministic).
+CLASSIFIER_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "tests" / "router-classifier"
+
+
 @pytest.fixture(scope="session")
-def classifier(tmp_path_factory):
-    """The real MiniLM classifier, built once per session."""
+def classifier():
+    """The real MiniLM classifier, built once per session (its embeddings once per checkout)."""
     from router.classifier import MiniLM, build_classifier
 
     encoder = MiniLM()
-    clf, report = build_classifier(
-        encoder, world_exemplars(), exemplars_per_skill=60, cache_dir=tmp_path_factory.mktemp("clf")
-    )
+    clf, report = build_classifier(encoder, world_exemplars(), exemplars_per_skill=60, cache_dir=CLASSIFIER_CACHE)
     return encoder, clf, report
 
 

@@ -1,0 +1,280 @@
+"""The router's state and its decision: which elites to try for a request, with which skill weights, and why.
+
+``Router`` holds the policy, the merged serving manifest, the classifier, the breakers and the load; a reload
+replaces a piece whole, so a request in flight keeps the objects it started with. ``decide`` computes the skill
+weights (pinned elite > alias > header > classifier) and ranks the healthy elites (``router.selection``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from router.configfile import ConfigError, load_yaml_model
+from router.limits import Metrics, TokenBucket
+from router.manifests import ManifestSet
+from router.policy import RoutingPolicy
+from router.protocol import APIError
+from router.selection import Breaker, normalise, parse_weights, rank
+from serve.manifest import EliteEntry, Health, ServingManifest
+
+log = logging.getLogger("cycleqd.router")
+
+#: How long a request that needs the classifier waits for it at start-up before a 503 with Retry-After.
+CLASSIFIER_WAIT_S = 2.0
+
+
+def engine_key() -> str | None:
+    """The key the engines were started with (``vllm serve --api-key``): ``CYCLEQD_ENGINE_KEY``, or the file named
+    by ``CYCLEQD_ENGINE_KEY_FILE``. Never from the manifest, which anyone who can read the router's volume reads."""
+    key = os.environ.get("CYCLEQD_ENGINE_KEY", "").strip()
+    path = os.environ.get("CYCLEQD_ENGINE_KEY_FILE", "").strip()
+    if not key and path:
+        try:
+            key = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"CYCLEQD_ENGINE_KEY_FILE={path}: cannot read the engine key ({exc})") from exc
+        if not key:
+            raise ConfigError(f"CYCLEQD_ENGINE_KEY_FILE={path}: the file is empty; write the engines' key in it")
+    return key or None
+
+
+def alias_problems(policy: RoutingPolicy, skills: list[str]) -> list[str]:
+    """Aliases whose weights name skills the serving manifest does not have (they could never be routed)."""
+    out = []
+    for name, w in policy.aliases.items():
+        unknown = [k for k in w if k not in skills] if isinstance(w, dict) else []
+        if unknown:
+            out.append(
+                f"alias {name!r} names skill(s) {', '.join(unknown)} that the serving manifest does not serve "
+                f"(it serves {', '.join(skills)}); fix field 'aliases.{name}' of the policy"
+            )
+    return out
+
+
+class Router:
+    """The router's state: policy, manifest, classifier, breakers, load. Swapped pieces are replaced whole."""
+
+    def __init__(self, policy: RoutingPolicy, *, policy_path: Path | None = None, classifier: Any = None) -> None:
+        self.policy = policy
+        self.policy_path = policy_path
+        self.metrics = Metrics()
+        self.classifier = classifier  # (encoder, SkillClassifier) or None: built at start-up
+        self.classifier_report: dict[str, float] = {}
+        self.manifests = ManifestSet(policy.manifests)
+        self._manifest_checked = 0.0
+        self.breakers: dict[str, Breaker] = {}
+        self.inflight: Counter[str] = Counter()
+        self.limiter = TokenBucket(policy.rate_limit_per_minute) if policy.rate_limit_per_minute else None
+        self.client: httpx.AsyncClient | None = None
+        self.engine_key = engine_key()
+        self.classifier_task: asyncio.Future[None] | None = None  # the background build at start-up
+        self.classifier_error: str | None = None
+
+    # -- state -----------------------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> ServingManifest | None:
+        return self.manifests.merged
+
+    def refresh_manifest(self, force: bool = False) -> None:
+        """Re-read changed manifest files (at most once a second unless forced; URLs only when forced)."""
+        now = time.monotonic()
+        if not force and now - self._manifest_checked < 1.0:
+            return
+        self._manifest_checked = now
+        self.manifests.refresh(urls=force)
+
+    def build_classifier(self) -> None:
+        from router.classifier import MiniLM, build_classifier
+
+        exemplars = (self.manifest.exemplars if self.manifest else None) or {}  # the run's skills, from serve
+        c = self.policy.classifier
+        encoder = self.classifier[0] if isinstance(self.classifier, tuple) else MiniLM()
+        clf, report = build_classifier(
+            encoder, exemplars, exemplars_per_skill=c.exemplars_per_skill, method=c.method, k=c.k,
+            cache_dir=self.policy.cache_dir,
+        )  # fmt: skip
+        self.classifier, self.classifier_report = (encoder, clf), report
+
+    @property
+    def classifier_ready(self) -> bool:
+        """Built (its model may be None: a manifest without exemplars, where every request is out of domain)."""
+        return isinstance(self.classifier, tuple) and len(self.classifier) == 2
+
+    def start_classifier(self) -> None:
+        """Build the classifier in a background thread, so that the server answers at once (requests that name
+        their skills, an elite or an alias need no classifier); must be called on the event loop.
+
+        A daemon thread rather than the loop's executor: a router stopped during the build exits at once instead of
+        waiting for the embeddings it will not use."""
+        if self.classifier_ready or self.classifier_task is not None:
+            return
+        loop = asyncio.get_running_loop()
+        task: asyncio.Future[None] = loop.create_future()
+
+        def build() -> None:
+            try:
+                self.build_classifier()
+                gc.collect()
+                gc.freeze()  # the classifier's objects live as long as the router: keep them out of GC walks
+            except Exception as exc:
+                self.classifier_error = f"{type(exc).__name__}: {exc}"
+                log.error("the skill classifier could not be built: %s", self.classifier_error)
+            with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody waits
+                loop.call_soon_threadsafe(lambda: task.done() or task.set_result(None))
+
+        self.classifier_task = task
+        threading.Thread(target=build, name="classifier-build", daemon=True).start()
+
+    async def wait_classifier(self, timeout: float = CLASSIFIER_WAIT_S) -> None:
+        """Return once the classifier is ready; a clear 503 (with Retry-After) if it is not within ``timeout``."""
+        if self.classifier_ready:
+            return
+        if self.classifier_task is not None and not self.classifier_task.done():
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(self.classifier_task), timeout)
+        if self.classifier_ready:
+            return
+        if self.classifier_error:
+            raise APIError(
+                503, f"the skill classifier failed to build ({self.classifier_error}); name a skill alias, an "
+                f"elite or the {self.policy.weights_header} header instead", "classifier_failed",
+            )  # fmt: skip
+        raise APIError(
+            503, "the skill classifier is still starting (embedding its exemplars); retry in a few seconds, or name "
+            f"a skill alias, an elite or the {self.policy.weights_header} header", "classifier_starting",
+            headers={"retry-after": "5"},
+        )  # fmt: skip
+
+    def check_policy(self, policy: RoutingPolicy | None = None) -> None:
+        """Refuse a policy the current manifest cannot serve (ConfigError naming the alias and the skills)."""
+        policy = policy or self.policy
+        if self.manifest is not None and (problems := alias_problems(policy, self.manifest.skills)):
+            where = f"{self.policy_path}: " if self.policy_path else ""
+            raise ConfigError(where + "; ".join(problems))
+
+    def reload_policy(self) -> RoutingPolicy:
+        """Re-read the policy file; on any error keep the current policy and raise ConfigError."""
+        if self.policy_path is None:
+            raise ConfigError("the router was started without a policy file; there is nothing to reload")
+        new = load_yaml_model(self.policy_path, RoutingPolicy)
+        manifests = self.manifests
+        if new.manifests != self.policy.manifests:
+            manifests = ManifestSet(new.manifests)
+            manifests.refresh(urls=True)
+        if manifests.merged is not None and (problems := alias_problems(new, manifests.merged.skills)):
+            raise ConfigError(f"{self.policy_path}: " + "; ".join(problems))
+        key = engine_key()
+        old = self.policy
+        self.policy, self.manifests, self.engine_key = new, manifests, key
+        self.limiter = TokenBucket(new.rate_limit_per_minute) if new.rate_limit_per_minute else None
+        if new.classifier != old.classifier:
+            self.build_classifier()
+        return new
+
+    def breaker(self, engine_id: str) -> Breaker:
+        b = self.breakers.get(engine_id)
+        if b is None or (b.failures, b.reset_s) != (self.policy.breaker.failures, self.policy.breaker.reset_s):
+            b = self.breakers[engine_id] = Breaker(self.policy.breaker.failures, self.policy.breaker.reset_s)
+        return b
+
+    def healthy(self, elite: EliteEntry) -> bool:
+        assert self.manifest is not None
+        return self.manifest.health_of(elite) == Health.READY and self.breaker(elite.engine_id).allows()
+
+    # -- decisions -------------------------------------------------------------------------------------------
+    def needs_classifier(self, body: dict[str, Any], headers: Any) -> bool:
+        """Whether ``decide`` will run the classifier: model 'auto'-like alias and no weights header."""
+        m, model = self.manifest, body.get("model")
+        if m is None or any(e.id == model for e in m.elites):
+            return False
+        return self.policy.aliases.get(model) == "auto" and self.policy.weights_header not in headers
+
+    def classify(self, text: str) -> dict[str, float] | None:
+        """Skill weights of the text; None when it is far from every skill (or the manifest has no exemplars)."""
+        if not self.classifier_ready:
+            raise APIError(503, "the skill classifier is still starting", "classifier_starting")
+        assert self.manifest is not None
+        t0 = time.perf_counter()
+        encoder, clf = self.classifier
+        if clf is None:
+            return None
+        emb = encoder.encode([text])
+        p, inside = clf.proba(emb)[0], bool(clf.in_domain(emb)[0])
+        self.metrics.classifier.observe(time.perf_counter() - t0)
+        return {s: float(x) for s, x in zip(clf.skills, p, strict=True)} if inside else None
+
+    def decide(self, body: dict[str, Any], headers: Any, text: str) -> tuple[list[EliteEntry], dict[str, float], str]:
+        """Ordered candidates, the skill weights and the reason."""
+        pol, m = self.policy, self.manifest
+        if m is None:
+            where = ", ".join(pol.manifests)
+            raise APIError(503, f"no serving manifest at {where} yet; is cycleqd-serve running?", "no_manifest")
+        model = body["model"]
+        same = [e for e in m.elites if e.id == model]  # one per manifest that serves it
+        if same:
+            live = sorted((e for e in same if self.healthy(e)), key=lambda e: self.inflight[e.engine_id])
+            if not live:
+                raise APIError(503, f"elite {model!r} is not healthy right now; retry later or use model 'auto'")
+            return live, {k: 1.0 / len(m.skills) for k in m.skills}, "pinned"
+        if model not in pol.aliases:
+            names = ", ".join(list(dict.fromkeys([*pol.aliases, *(e.id for e in m.elites)]))[:12])
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; use an alias or an elite id: {names}",
+                "model_not_found",
+                "model",
+            )
+        alias = pol.aliases[model]
+        if isinstance(alias, dict):
+            if problems := alias_problems(pol.model_copy(update={"aliases": {model: alias}}), m.skills):
+                raise APIError(
+                    503, f"{problems[0]} (the manifest changed after the policy was loaded)", "alias_not_served"
+                )
+            weights, reason = normalise(alias), f"alias:{model}"
+        elif pol.weights_header in headers:
+            try:
+                weights, reason = parse_weights(headers[pol.weights_header], m.skills), "header"
+            except ValueError as exc:
+                raise APIError(400, f"header {pol.weights_header}: {exc}", "invalid_weights") from exc
+        else:
+            weights, reason = self.classify(text), "classifier"  # type: ignore[assignment]
+            if weights is None:  # far from every skill: the policy's fallback (best mean, or a given elite)
+                weights, reason = {k: 1.0 / len(m.skills) for k in m.skills}, "out_of_domain"
+        explicit = headers.get(pol.session_header)
+        ranked = rank(
+            m.elites, weights, healthy=self.healthy, load=lambda e: self.inflight[e.engine_id], margin=pol.margin,
+            session=explicit or conversation_key(body),
+        )  # fmt: skip
+        if not ranked:
+            raise APIError(503, "no healthy elite is being served right now; retry later", "no_healthy_upstream")
+        if reason == "out_of_domain" and pol.fallback != "best_mean":
+            ranked.sort(key=lambda e: e.id != pol.fallback)  # the configured default first, the rest as retries
+        return ranked, weights, reason + (":session" if explicit else "")
+
+
+def conversation_key(body: dict[str, Any]) -> str | None:
+    """The episode a chat belongs to, from what its first turn already has: every message up to and including the
+    first user message (the system prompt and the task). Later turns only append (assistant replies, tool calls and
+    results, more user messages), so turn 1 and every later turn hash alike and land on the same elite, on every
+    replica. A chat with no user message, and a plain completion, have no key (they go by load)."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        return None
+    for i, msg in enumerate(msgs):
+        if isinstance(msg, dict) and msg.get("role") == "user":
+            head = [[m.get("role"), m.get("content")] for m in msgs[: i + 1] if isinstance(m, dict)]
+            return hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode()).hexdigest()
+    return None

@@ -1,0 +1,49 @@
+"""What the router counts and limits: Prometheus metrics (one registry per router) and per-key token buckets."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import Counter as PCounter
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = PCounter(
+            "cycleqd_router_requests", "Requests by route and status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "cycleqd_router_request_seconds", "Total request time", ["route"], buckets=BUCKETS, registry=r
+        )
+        self.ttfb = Histogram(
+            "cycleqd_router_time_to_first_byte_seconds", "Until upstream headers", ["route"], buckets=BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.decisions = PCounter(
+            "cycleqd_router_decisions", "Routing decisions", ["elite", "skill", "reason"], registry=r
+        )
+        self.upstream_errors = PCounter(
+            "cycleqd_router_upstream_errors", "Upstream failures", ["engine", "kind"], registry=r
+        )
+        self.classifier = Histogram(
+            "cycleqd_router_classifier_seconds", "Classifier time per request", buckets=BUCKETS, registry=r
+        )
+
+
+class TokenBucket:
+    def __init__(self, per_minute: int) -> None:
+        self.rate, self.capacity = per_minute / 60.0, float(per_minute)
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> bool:
+        now = time.monotonic()
+        tokens, last = self.buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        ok = tokens >= 1.0
+        self.buckets[key] = (tokens - 1.0 if ok else tokens, now)
+        return ok

@@ -1,0 +1,165 @@
+"""The relay to the engines: send the request to the ranked elites in turn, and relay the answer.
+
+Retries go to the next elite only on a connect error, a connection closed before the response, or a 5xx, and only
+before the first byte reached the client; once streaming has begun, an upstream failure ends the stream with an
+OpenAI-style error event. Each attempt is recorded in the engine's circuit breaker and in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi.responses import Response, StreamingResponse
+
+from router.decision import Router
+from router.policy import RoutingPolicy
+from router.protocol import APIError, error_body
+from serve.manifest import EliteEntry
+
+
+def make_client(policy: RoutingPolicy) -> httpx.AsyncClient:
+    t = policy.timeouts
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=t.connect_s, read=t.first_byte_s, write=t.first_byte_s, pool=t.connect_s),
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        trust_env=False,
+    )
+
+
+async def forward(
+    router: Router,
+    body: dict[str, Any],
+    candidates: list[EliteEntry],
+    weights: dict[str, float],
+    reason: str,
+    route: str,
+    t0: float,
+    trace: dict[str, str] | None = None,
+) -> Response:
+    """Try the candidates in order (at most ``max_attempts``); ``trace`` (request id, traceparent) goes upstream."""
+    assert router.client is not None
+    stream = bool(body.get("stream"))
+    pol = router.policy
+    last_error = "no upstream tried"
+    sent = {"content-type": "application/json", **(trace or {})}
+    if router.engine_key:
+        sent["authorization"] = f"Bearer {router.engine_key}"
+    for attempt, elite in enumerate(candidates[: pol.max_attempts]):
+        engine = elite.engine_id
+        if not router.breaker(engine).acquire():  # half-open, and another request holds the one trial
+            last_error = f"{engine}: circuit open"
+            continue
+        url = elite.endpoint.rstrip("/") + route.removeprefix("/v1")
+        payload = json.dumps({**body, "model": elite.served_model_name}).encode()
+        headers = {
+            "x-cycleqd-elite": elite.id,
+            "x-cycleqd-skill-weights": ",".join(f"{k}={v:.3f}" for k, v in weights.items()),
+            "x-cycleqd-reason": reason if attempt == 0 else f"{reason};fallback:{attempt}",
+            "x-cycleqd-engine": engine,
+        }
+        router.inflight[engine] += 1
+        try:
+            req = router.client.build_request("POST", url, content=payload, headers=sent)
+            resp = await router.client.send(req, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            router.inflight[engine] -= 1
+            router.breaker(engine).record(False)
+            router.metrics.upstream_errors.labels(engine, type(exc).__name__).inc()
+            last_error = f"{engine}: {type(exc).__name__}"
+            continue  # nothing reached the client yet: safe to try the next elite
+        except httpx.TimeoutException as exc:
+            router.inflight[engine] -= 1
+            router.breaker(engine).record(False)
+            router.metrics.upstream_errors.labels(engine, "timeout").inc()
+            raise APIError(
+                504, f"elite {elite.id} did not answer within {pol.timeouts.first_byte_s} s", "upstream_timeout"
+            ) from exc
+        except BaseException:  # cancelled (the client left) or a bug: give the trial back, count nothing
+            router.inflight[engine] -= 1
+            router.breaker(engine).trial_at = None
+            raise
+        router.metrics.ttfb.labels(route).observe(time.perf_counter() - t0)
+        if resp.status_code >= 500 or resp.status_code in (401, 403):
+            await resp.aclose()
+            router.inflight[engine] -= 1
+            router.breaker(engine).record(False)
+            router.metrics.upstream_errors.labels(engine, f"http_{resp.status_code}").inc()
+            last_error = f"{engine}: HTTP {resp.status_code}"
+            if resp.status_code in (401, 403):  # the client's key is the router's business, not the engine's
+                last_error += (
+                    ", the engine refused the router's engine key: set CYCLEQD_ENGINE_KEY (or "
+                    "CYCLEQD_ENGINE_KEY_FILE) to the key the engines were started with"
+                )
+            continue
+        router.breaker(engine).record(True)
+        dominant = max(weights, key=weights.__getitem__)
+        router.metrics.decisions.labels(elite.id, dominant, reason.split(":")[0]).inc()
+        ctype = resp.headers.get("content-type", "application/json")
+        if stream and resp.status_code == 200:
+            relayed = relay(router, resp, engine, pol.timeouts.idle_s, events="event-stream" in ctype)
+            return StreamingResponse(relayed, status_code=200, media_type=ctype, headers=headers)
+        try:
+            content = await asyncio.wait_for(resp.aread(), pol.timeouts.first_byte_s)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            router.metrics.upstream_errors.labels(engine, "body").inc()
+            router.breaker(engine).record(False)
+            raise APIError(502, f"elite {elite.id}: the upstream response broke off", "upstream_error") from exc
+        finally:
+            await resp.aclose()
+            router.inflight[engine] -= 1
+        return Response(content, status_code=resp.status_code, media_type=ctype, headers=headers)
+    raise APIError(502, f"every upstream tried failed ({last_error})", "upstream_error")
+
+
+async def relay(
+    router: Router, resp: httpx.Response, engine: str, idle_s: float, *, events: bool = True
+) -> AsyncIterator[bytes]:
+    """The upstream's stream, chunk by chunk; a break or a stall ends it with an error event and ``[DONE]``.
+
+    With ``events`` (server-sent events), only whole events are relayed: the bytes after the last blank line wait for
+    the rest of their event. So when the upstream breaks off mid-event, the client has seen only complete events,
+    and the error event that follows is parsed on its own instead of being glued onto half an event.
+    """
+    loop = asyncio.get_running_loop()
+    pending = b""  # the start of an event whose end has not arrived yet
+    try:
+        # one timer for the whole stream, re-armed per chunk (cheaper than a wait_for per chunk), and disarmed
+        # while the client consumes a chunk
+        async with asyncio.timeout(None) as idle:
+            chunks = resp.aiter_raw()
+            while True:
+                idle.reschedule(loop.time() + idle_s)
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                idle.reschedule(None)
+                if events:
+                    chunk, pending = _whole_events(pending + chunk)
+                    if not chunk:
+                        continue
+                yield chunk
+        if pending:
+            yield pending  # the stream ended normally without a final blank line: nothing is held back
+    except Exception as exc:  # httpx errors, the idle timeout, and anything unexpected: the client is told
+        kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+        router.metrics.upstream_errors.labels(engine, f"midstream_{kind}").inc()
+        router.breaker(engine).record(False)
+        err = error_body(502, f"the upstream stream broke off ({kind}); the answer is incomplete")
+        yield f"data: {json.dumps(err)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    finally:
+        await resp.aclose()
+        router.inflight[engine] -= 1
+
+
+def _whole_events(data: bytes) -> tuple[bytes, bytes]:
+    """Split at the end of the last complete event (a blank line, ``\\n\\n`` or ``\\r\\n\\r\\n``)."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    return data[:end], data[end:]
