@@ -69,7 +69,7 @@ def dare(base: StateDict, models: Sequence[StateDict], *, drop: float = 0.5, see
         sd = {}
         for name, b in base.items():
             tv = m[name].float() - b.float()
-            keep = torch.rand(tv.shape, generator=gen) >= drop
+            keep = (torch.rand(tv.shape, generator=gen) >= drop).to(tv.device)  # drawn on the CPU: same masks anywhere
             sd[name] = b.float() + tv * keep / (1 - drop)
         sparse.append(sd)
     return average(base, sparse)
