@@ -10,10 +10,13 @@ The skills and their exemplar prompts come from the run being served, through th
 serving a population of any skills (JSONL data, lm-eval tasks, plugins) classifies into them without importing
 ``evolve``. The classifier is nearest-centroid (or kNN) on cosine similarity over the *train* prompts, with a
 softmax whose temperature is calibrated on the *validation* prompts (the temperature that minimises their
-negative log-likelihood), so the weights it returns are probabilities, not just a ranking. A request whose cosine
-similarity to its nearest train exemplar (of any skill) is below a threshold, also calibrated on validation prompts (the
-``OOD_QUANTILE`` quantile of theirs), is out of domain: the router sends it to the policy's ``fallback`` instead
-of forcing it into a skill. Accuracy is measured on the *test* prompts, which neither step saw.
+negative log-likelihood), so the weights it returns are probabilities, not just a ranking. A request whose
+cosine similarity to its nearest train exemplar (of any skill) is below a threshold is out of domain: the router
+sends it to the policy's ``fallback`` instead of forcing it into a skill. The threshold lies midway between the
+skills' held-out (validation) prompts (their ``OOD_QUANTILE`` quantile) and a fixed set of general requests
+(``GENERAL``, their ``1 - OOD_QUANTILE`` quantile), and never above the former: a request about a skill but
+phrased unlike its exemplars stays in domain, small talk does not. Accuracy is measured on the *test* prompts,
+which neither step saw.
 """
 
 from __future__ import annotations
@@ -162,17 +165,37 @@ class SkillClassifier:
         come in several forms has a centroid between them, close to none."""
         return (emb @ self.exemplars.T).max(1) if len(emb) else np.zeros(0, np.float32)
 
-    def calibrate_threshold(self, emb: np.ndarray, quantile: float) -> float:
-        """Out of domain below the ``quantile`` of held-out in-domain texts' similarity."""
-        self.threshold = float(np.quantile(self.similarity(emb), quantile)) if len(emb) else -1.0
+    def calibrate_threshold(self, emb: np.ndarray, general: np.ndarray, quantile: float) -> float:
+        """Midway between held-out in-domain texts (their ``quantile``) and general ones (their ``1 - quantile``),
+        never above the in-domain quantile."""
+        if not len(emb):
+            self.threshold = -1.0
+            return self.threshold
+        inside = float(np.quantile(self.similarity(emb), quantile))
+        outside = float(np.quantile(self.similarity(general), 1 - quantile)) if len(general) else -1.0
+        self.threshold = min(inside, (inside + outside) / 2)
         return self.threshold
 
     def in_domain(self, emb: np.ndarray) -> np.ndarray:
         return self.similarity(emb) >= self.threshold
 
 
-#: Share of held-out in-domain prompts that the out-of-domain threshold may send to the fallback.
+#: Quantile of held-out in-domain prompts (and 1 - it of general ones) that the out-of-domain threshold is set by.
 OOD_QUANTILE = 0.02
+
+#: General requests that belong to no skill, the out-of-domain side of the threshold (the benchmark and tests
+#: measure the fallback rate on other prompts).
+GENERAL = [
+    "Hello, nice to meet you!", "Thanks a lot for your help.", "What's your favourite colour?",
+    "Can you tell me a story about a dragon?", "What time zone is New York in?", "Who won the football world cup?",
+    "I feel a bit tired today.", "Describe a beautiful sunset.", "What are the health benefits of green tea?",
+    "Give me a recipe for pancakes.", "Which movies should I watch this weekend?", "How tall is Mount Everest?",
+    "What is the meaning of life?", "Help me write a birthday message for my mum.", "Is coffee bad for you?",
+    "What languages are spoken in Switzerland?", "Recommend some exercises for back pain.",
+    "How do I learn to play the guitar?", "Tell me something funny.", "What is the population of Brazil?",
+    "Write a haiku about the sea.", "How should I prepare for a marathon?", "What's the best way to save money?",
+    "Why is the ocean salty?",
+]  # fmt: skip
 
 
 def _texts(exemplars: Any, split: str) -> list[str]:
@@ -203,7 +226,8 @@ def build_classifier(
         split: [(i, t) for i, s in enumerate(skills) for t in _texts(exemplars[s], split)[:cap]]
         for split, cap in (("train", exemplars_per_skill), ("validation", None), ("test", None))
     }
-    key = hashlib.sha256(json.dumps([skills, texts_of, 2]).encode()).hexdigest()[:16]
+    texts_of["general"] = [(-1, t) for t in GENERAL]
+    key = hashlib.sha256(json.dumps([skills, texts_of, 3]).encode()).hexdigest()[:16]
     cache = cache_dir / f"exemplars-{key}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():
         data = load_file(str(cache))
@@ -218,7 +242,7 @@ def build_classifier(
     clf = SkillClassifier(skills, data["train.emb"], data["train.labels"], method=method, k=k)
     held = "validation" if len(data["validation.labels"]) else "train"
     nll = clf.calibrate(data[f"{held}.emb"], data[f"{held}.labels"])
-    clf.calibrate_threshold(data[f"{held}.emb"], OOD_QUANTILE)
+    clf.calibrate_threshold(data[f"{held}.emb"], data["general.emb"], OOD_QUANTILE)
     report = {
         "skills": len(skills),
         "validation_accuracy": clf.accuracy(data[f"{held}.emb"], data[f"{held}.labels"]),

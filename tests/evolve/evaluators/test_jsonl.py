@@ -158,3 +158,27 @@ def test_an_empty_split_is_named(tmp_path):
     empty = next(s for s in SPLITS if not ev.pools[s])
     with pytest.raises(EvaluatorError, match=f"the {empty} split is empty.*d.jsonl"):
         ev.evaluate(Echo({}), empty, 5)
+
+
+def test_the_run_command_reports_a_bad_line_with_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "math.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n{"answer": "4"}\n')
+    (tmp_path / "evolve.yaml").write_text(
+        f"skills:\n  code: {{kind: world}}\n  math: {{kind: jsonl, path: {tmp_path / 'math.jsonl'}, grader: numeric}}\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "evolve",
+        "run",
+        "--config",
+        str(tmp_path / "evolve.yaml"),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert 'math.jsonl: line 2: no "prompt"' in " ".join(out.stderr.split())
+    assert not (tmp_path / "r").exists()  # nothing was started
