@@ -150,7 +150,7 @@ def campaign(work: Path, n_points: int, generations: int, seed: int) -> dict:
     # to one generation's time, so the kill lands in scoring or in the next save).
     rng = random.Random(seed)
     per_generation = (t_ref - t_setup) / max(generations, 1)
-    drawn = sorted((rng.randint(-1, generations - 1), rng.random()) for _ in range(n_points))
+    drawn = sorted((rng.randint(-1, generations - 2), rng.random()) for _ in range(n_points))  # all before the end
     points = [(g, f * (t_setup if g < 0 else per_generation)) for g, f in drawn]
     with console.status(f"the same run, SIGKILLed at {n_points} random points and resumed each time"):
         t_killed, kills = killed_run(run_dir, config, log, points)

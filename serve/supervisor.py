@@ -249,6 +249,8 @@ class Supervisor:
         self.lock = threading.RLock()
         self.stop_event = threading.Event()
         self.adding: set[str] = set()  # elites being materialised for add_elite (outside the lock)
+        # One materialisation at a time (the scorer's engine holds one set of weights), without the main lock.
+        self.materialise_lock = threading.Lock()
         for e in engines:
             for path in e.adapters.values():
                 self._check_adapter_path(path)
@@ -359,7 +361,8 @@ class Supervisor:
                 raise ServeError("this supervisor cannot materialise elites")
             self.adding.add(elite_id)
         try:
-            art = self.materialise_one(elite_id)
+            with self.materialise_lock:
+                art = self.materialise_one(elite_id)
             path = self._check_adapter_path(art.path)
             with self.lock:
                 self.adding.discard(elite_id)

@@ -147,20 +147,26 @@ def test_add_elite_materialises_outside_the_lock(tmp_path, fake_engine):
     """Materialising and scoring take minutes on a real model: health checks and /manifest must not wait."""
     proc, port, log = fake_engine
     started, release = threading.Event(), threading.Event()
+    active, most = [0], [0]
 
     def slow_materialise(elite_id: str) -> Artifact:
+        active[0] += 1
+        most[0] = max(most[0], active[0])
         started.set()
         assert release.wait(30)
         path = tmp_path / "serve" / "adapters" / elite_id
         path.mkdir(parents=True)
+        active[0] -= 1
         return _artifact(elite_id, path)
 
     sup = _supervisor(tmp_path, proc, port, slow_materialise)
     result: dict = {}
     adder = threading.Thread(target=lambda: result.update(entry=sup.add_elite("g1")))
+    other = threading.Thread(target=lambda: result.update(other=sup.add_elite("g2")))
     adder.start()
     try:
         assert started.wait(10)
+        other.start()  # waits for the first materialisation (the scorer holds one set of weights at a time)
         acquired = sup.lock.acquire(timeout=2)  # from another thread than the adder's
         assert acquired, "add_elite holds the supervisor lock while it materialises"
         sup.lock.release()
@@ -171,13 +177,16 @@ def test_add_elite_materialises_outside_the_lock(tmp_path, fake_engine):
     finally:
         release.set()
         adder.join(30)
+        other.join(30)
     entry = result["entry"]
     assert entry.id == "g1" and entry.endpoint == f"http://127.0.0.1:{port}/v1"
-    (load,) = _requests(log)
-    assert load["path"] == "/v1/load_lora_adapter" and load["authorised"]
-    assert load["body"]["lora_path"] == str((tmp_path / "serve" / "adapters" / "g1").resolve())
+    assert result["other"].id == "g2" and most[0] == 1
+    loads = _requests(log)
+    assert [r["path"] for r in loads] == ["/v1/load_lora_adapter"] * 2 and all(r["authorised"] for r in loads)
+    adapters = (tmp_path / "serve" / "adapters").resolve()
+    assert sorted(r["body"]["lora_path"] for r in loads) == [str(adapters / "g1"), str(adapters / "g2")]
     manifest = (tmp_path / "serve" / "manifest.json").read_text()
-    assert "g1" in manifest and KEY not in manifest
+    assert "g1" in manifest and "g2" in manifest and KEY not in manifest
     assert sup.adding == set()
 
 

@@ -186,5 +186,6 @@ def test_a_crash_while_freeing_an_answer_is_charged_to_that_answer():
     """Before, the crash came during the next answer (when its cycle was collected) and scored *it* zero."""
     honest = Job("lambda x: len([[v] for v in range(100000)]) + x", ("x",), ((1,),))
     outcomes = sandbox.run([Job(CRASH_ON_FREE, ("x",), ((1,),)), *[honest] * 5], Limits(seconds_per_job=2.0))
-    assert not outcomes[0].ok and "SIGSEGV" in outcomes[0].error
+    # here "worker died (SIGSEGV)"; where a larger C stack survives the free, the answer simply passes
+    assert "SIGSEGV" in outcomes[0].error or outcomes[0].outputs == ("1",), outcomes[0]
     assert [o.outputs for o in outcomes[1:]] == [("100001",)] * 5
