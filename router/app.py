@@ -36,6 +36,7 @@ from evolve.configfile import ConfigError, load_yaml_model
 from router.manifests import ManifestSet
 from router.policy import RoutingPolicy
 from router.selection import Breaker, normalise, parse_weights, rank
+from router.ui import UIState, ui_routes
 from serve.manifest import EliteEntry, Health, ServingManifest
 
 log = logging.getLogger("cycleqd.router")
@@ -368,6 +369,8 @@ def create_app(router: Router) -> FastAPI:
 
     app = FastAPI(title="cycleqd-router", version="1", lifespan=lifespan)
     app.state.router = router
+    ui = UIState()  # the operator page's recent decisions and per-minute counts
+    app.include_router(ui_routes(router, ui))
 
     @app.exception_handler(APIError)
     async def _api_error(_req: Request, exc: APIError) -> JSONResponse:
@@ -398,6 +401,7 @@ def create_app(router: Router) -> FastAPI:
         route = path
         t0 = time.perf_counter()
         status = 500
+        response: Response | None = None
         try:
             key = authenticate(request)
             if router.limiter and not router.limiter.take(key):
@@ -427,6 +431,7 @@ def create_app(router: Router) -> FastAPI:
         finally:
             router.metrics.requests.labels(route, str(status)).inc()
             router.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+            ui.record(route, status, response.headers if response else None, time.perf_counter() - t0)
 
     async def forward(
         body: dict[str, Any],
