@@ -100,8 +100,8 @@ def elite_map(archive: SkillArchive, elites: Mapping[str, Any]) -> str:
     """One archive as an SVG grid: colour = quality, one ``rect.elite`` per occupied cell, hover for the elite."""
     bins, ms = archive.bins, archive.measures
     ny = bins if len(ms) >= 2 else 1
-    size = min(24, 300 // bins) or 1
-    left, top, w, h = 52, 12, size * bins, size * ny
+    size = max(4, 240 // bins)
+    left, top, w, h = 64, 12, size * bins, size * ny
     shown: dict[tuple[int, int], Any] = {}
     for e in archive.elites():  # more than two measures: the best over the others in each (m0, m1) cell
         key = (e.cell[0], e.cell[1] if len(ms) >= 2 else 0)
@@ -132,7 +132,7 @@ def elite_map(archive: SkillArchive, elites: Mapping[str, Any]) -> str:
         parts.append(f'<text x="{left - 4}" y="{top + h}" text-anchor="end">{pct(y_lo)}</text>')
         parts.append(f'<text x="{left - 4}" y="{top + 10}" text-anchor="end">{pct(y_hi)}</text>')
         parts.append(
-            f'<text transform="translate({left - 30},{top + h / 2}) rotate(-90)" text-anchor="middle">'
+            f'<text transform="translate({left - 40},{top + h / 2}) rotate(-90)" text-anchor="middle">'
             f"{esc(ms[1])} validation (%)</text>"
         )
     bar_x = left + w + 14
@@ -212,7 +212,7 @@ def line_chart(metric: str, label: str, series: Mapping[str, list[tuple[int, flo
             f'<polyline class="series" data-archive="{esc(skill)}" fill="none" stroke="{colour}" stroke-width="2" '
             f'points="{" ".join(px(x, scale * y) for x, y in pts)}"><title>{esc(tip)}</title></polyline>'
         )
-        parts.append(f'<text x="{left + w + 8}" y="{top + 12 + 14 * i}" fill="{colour}">{esc(skill)}</text>')
+        parts.append(f'<text x="{left + w + 8}" y="{top + 12 + 14 * i}" style="fill:{colour}">{esc(skill)}</text>')
     return "".join(parts) + "</svg>"
 
 
