@@ -215,7 +215,7 @@ def report(
         bool, typer.Option(help="also write a self-contained HTML page: OUT.html, or report.html in the first run")
     ] = False,
     served: Annotated[
-        Path | None, typer.Option(help="a serving manifest: its elites' lineage is drawn in the HTML page")
+        Path | None, typer.Option(help="with --html: a serving manifest, whose elites' lineage the page draws")
     ] = None,
 ) -> None:
     """Print (and save) the results table on the test split: base, experts, multi-task, merges, CycleQD."""

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from evolve.cli import app
-from evolve.html_report import ancestry, curves_from_history, reconstruct_curves
+from evolve.html_report import ancestry, curves_from_history, reconstruct_curves, render_html, served_ids
 from evolve.run import STATE_FILE, Evolution, RunState
 from tests.chromium import Elements, dump_dom, needs_chromium, screenshot
 from tests.evolve.minis import mini_evolve_config
@@ -127,3 +127,16 @@ def test_the_report_renders_in_chromium(reported_run, tmp_path):
 
     shot = screenshot(url, tmp_path / "report.png")
     assert shot.stat().st_size > 10_000
+
+
+def test_served_elites_are_drawn_in_the_lineage(reported_run, tmp_path):
+    run, _ = reported_run
+    st = RunState.load(run / STATE_FILE)
+    report = json.loads((run / "report.json").read_text())
+    rows = {name: {k: (v, 0.0) for k, v in cells.items()} for name, cells in report["rows"].items()}
+    served = sorted(e for e in st.elites if not e.startswith("expert:"))[-1]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"format_version": 1, "elites": [{"id": served}]}))
+    page = Elements(render_html([run], rows, served_ids(manifest)))
+    assert served in {n["data-id"] for n in page.select("circle", "node")}
+    assert served in {n["data-id"] for n in page.select("circle", "node", fill="#e6550d")}  # drawn as a focus
