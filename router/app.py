@@ -41,6 +41,7 @@ from router.protocol import (
     validate_body,
 )
 from router.tracing import RequestIdMiddleware, upstream_headers
+from router.ui import UIState, ui_routes
 from router.upstream import forward, make_client
 from serve.manifest import Health
 
@@ -120,6 +121,8 @@ def create_app(router: Router) -> FastAPI:
         if path == "/health" or (path == "/metrics" and pol.metrics_public):
             return
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+        if not given and path == "/ui":  # a browser opening the operator page passes its key in the URL
+            given = request.query_params.get("key", "").encode()
         if path.startswith("/admin/"):
             key = os.environ.get(pol.admin_key_env, "")
             if not key:
@@ -143,6 +146,8 @@ def create_app(router: Router) -> FastAPI:
     )  # fmt: skip
     app.state.router = router
     app.add_middleware(RequestIdMiddleware)
+    ui = UIState()  # the operator page's recent decisions and per-minute counts
+    app.include_router(ui_routes(router, ui))
 
     def _with_id(request: Request, response: JSONResponse) -> JSONResponse:
         rid = getattr(request.state, "request_id", None)
@@ -177,6 +182,7 @@ def create_app(router: Router) -> FastAPI:
     async def proxy(request: Request, kind: str, route: str) -> Response:
         t0 = time.perf_counter()
         status = 500
+        response: Response | None = None
         try:
             if router.limiter and not router.limiter.take(request.state.client_key):
                 raise APIError(429, "rate limit exceeded for this key; retry later", "rate_limit_exceeded")
@@ -211,6 +217,7 @@ def create_app(router: Router) -> FastAPI:
         finally:
             router.metrics.requests.labels(route, str(status)).inc()
             router.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+            ui.record(route, status, response.headers if response else None, time.perf_counter() - t0)
 
     @app.post("/v1/chat/completions", openapi_extra=body_doc(CHAT_SCHEMA), responses=ERROR_RESPONSES)
     async def chat_completions(request: Request) -> Response:

@@ -1,0 +1,163 @@
+"""The operator page at ``/ui``: which elite serves what, engine health, traffic by elite and by reason, errors.
+
+``/ui`` is a static page (``router/ui.html``, plain HTML and a small script, no build step) that polls
+``/ui/state`` every two seconds; both are behind the API key like every route. A browser cannot set an
+``Authorization`` header when it opens a page, so both also take the key as ``?key=`` (the page passes it on to
+``/ui/state`` in the header).
+
+The state comes from the router itself: the served manifest and breakers (read when the page asks), the
+Prometheus upstream-error counters, and :class:`UIState`, which ``router.app`` feeds from one call site (the end
+of every proxied request) with what the response headers say: the elite, the engine, the skill weights and the
+reason. It keeps a ring buffer of recent decisions and per-minute counters of the last half hour, in memory
+and per replica (a restart clears it; Prometheus and Grafana keep the long view).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+if TYPE_CHECKING:
+    from router.decision import Router
+
+#: The reasons the page counts: the first word of ``x-cycleqd-reason``, or ``fallback`` after a retry.
+REASONS = ("pinned", "alias", "header", "classifier", "default", "fallback")
+
+
+def reason_kind(reason: str) -> str:
+    """``classifier:session;fallback:1`` -> ``fallback``; ``alias:sql`` -> ``alias``; none -> ``refused``."""
+    if not reason:
+        return "refused"
+    if ";fallback" in reason:
+        return "fallback"
+    return reason.split(";")[0].split(":")[0]
+
+
+@dataclass
+class Minute:
+    start: int  # unix minute
+    requests: int = 0
+    errors: int = 0
+    by_elite: Counter[str] = field(default_factory=Counter)
+    by_reason: Counter[str] = field(default_factory=Counter)
+
+
+class UIState:
+    """Recent decisions and per-minute counts, fed by :meth:`record` once per proxied request."""
+
+    def __init__(self, recent: int = 100, minutes: int = 30, clock: Callable[[], float] = time.time) -> None:
+        self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
+        self.minutes: deque[Minute] = deque(maxlen=minutes)
+        self.clock = clock
+        self.started = clock()
+        self.totals = Counter[str]()
+
+    def record(self, route: str, status: int, headers: Mapping[str, str] | None, seconds: float) -> None:
+        """One request: its route, final status, the response headers (None when refused early), its time."""
+        now = self.clock()
+        h = headers or {}
+        reason = h.get("x-cycleqd-reason", "")
+        weights = {}
+        for part in filter(None, h.get("x-cycleqd-skill-weights", "").split(",")):
+            k, _, v = part.partition("=")
+            weights[k] = float(v)
+        elite = h.get("x-cycleqd-elite", "")
+        error = status >= 400
+        self.recent.append({
+            "time": now, "route": route, "status": status, "elite": elite, "engine": h.get("x-cycleqd-engine", ""),
+            "reason": reason, "kind": reason_kind(reason), "weights": weights, "seconds": round(seconds, 4),
+        })  # fmt: skip
+        minute = int(now // 60)
+        if not self.minutes or self.minutes[-1].start != minute:
+            self.minutes.append(Minute(minute))
+        m = self.minutes[-1]
+        m.requests += 1
+        m.errors += error
+        if elite:
+            m.by_elite[elite] += 1
+        m.by_reason[reason_kind(reason)] += 1
+        self.totals["requests"] += 1
+        self.totals["errors"] += error
+
+    def per_minute(self) -> dict[str, Any]:
+        """Counts for each of the last minutes (oldest first, empty minutes included) by elite and reason."""
+        now = int(self.clock() // 60)
+        span = range(now - self.minutes.maxlen + 1, now + 1) if self.minutes.maxlen else range(0)
+        by_start = {m.start: m for m in self.minutes}
+        rows = [by_start.get(t, Minute(t)) for t in span]
+        elites = sorted({e for m in rows for e in m.by_elite})
+        reasons = sorted({r for m in rows for r in m.by_reason}, key=lambda r: (r not in REASONS, r))
+        return {
+            "minutes": [m.start * 60 for m in rows],
+            "requests": [m.requests for m in rows],
+            "errors": [m.errors for m in rows],
+            "by_elite": {e: [m.by_elite[e] for m in rows] for e in elites},
+            "by_reason": {r: [m.by_reason[r] for m in rows] for r in reasons},
+        }
+
+
+def snapshot(router: Router, ui: UIState) -> dict[str, Any]:
+    """Everything the page shows, as JSON."""
+    router.refresh_manifest()
+    m = router.manifest
+    upstream_errors: Counter[str] = Counter()
+    for metric in router.metrics.upstream_errors.collect():
+        for s in metric.samples:
+            if s.name.endswith("_total"):
+                upstream_errors[s.labels["engine"]] += int(s.value)
+    engines, elites = [], []
+    if m is not None:
+        for e in m.engines:
+            b = router.breakers.get(e.id)
+            engines.append({
+                "id": e.id, "url": e.url, "device": e.device, "mode": e.mode, "health": e.health.value,
+                "restarts": e.restarts, "breaker": "open" if b and not b.allows() else "closed",
+                "inflight": router.inflight[e.id], "upstream_errors": upstream_errors[e.id],
+            })  # fmt: skip
+        for el in m.elites:
+            elites.append({
+                "id": el.id, "engine": el.engine_id, "kind": el.kind, "health": m.health_of(el).value,
+                "routable": router.healthy(el), "scores": el.routing_scores(), "test_scores": el.test_scores,
+                "selected_by": el.selected_by, "generation": el.lineage.get("generation"),
+            })  # fmt: skip
+    last = ui.minutes[-1] if ui.minutes and ui.minutes[-1].start == int(ui.clock() // 60) else Minute(0)
+    return {
+        "now": ui.clock(),
+        "uptime_s": ui.clock() - ui.started,
+        "skills": m.skills if m else [],
+        "manifests": router.policy.manifests,
+        "engines": engines,
+        "elites": elites,
+        "per_minute": ui.per_minute(),
+        "errors": {
+            "total": ui.totals["errors"],
+            "requests": ui.totals["requests"],
+            "rate": ui.totals["errors"] / ui.totals["requests"] if ui.totals["requests"] else 0.0,
+            "this_minute_rate": last.errors / last.requests if last.requests else 0.0,
+        },
+        "recent": list(reversed(ui.recent)),
+    }
+
+
+def ui_routes(router: Router, ui: UIState) -> APIRouter:
+    """``GET /ui`` (the page) and ``GET /ui/state`` (its data), behind the router's API keys like every route
+    (the app's one authentication dependency; the page may carry its key as ``/ui?key=...``)."""
+    api = APIRouter()
+    page = files("router").joinpath("ui.html").read_text()
+
+    @api.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+    async def ui_page(request: Request) -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @api.get("/ui/state", include_in_schema=False)
+    async def ui_state(request: Request) -> dict[str, Any]:
+        return snapshot(router, ui)
+
+    return api
