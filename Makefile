@@ -52,7 +52,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cycleqd-serve status --config configs/demo-serve.yaml --out $(DEMO_DIR)/serve; \
 	CYCLEQD_ENGINE_KEY_FILE=$(DEMO_DIR)/serve/engine.key $(VENV)/bin/cycleqd-router serve --policy configs/demo-routing.yaml --manifest $(DEMO_DIR)/serve/manifest.json --port 8000 & router=$$!; \
 	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8000/health && break; sleep 1; done; \
-	$(VENV)/bin/cycleqd-router demo --url http://127.0.0.1:8000/v1 --per-skill 4
+	$(VENV)/bin/cycleqd-serve route-demo --url http://127.0.0.1:8000/v1 --per-skill 4
 	@echo "HTML report of the demo run: $(DEMO_DIR)/results.html"
 
 # The real pretrained model, end to end on this machine (goal: under 90 minutes on 2 CPU cores; sizes in the
@@ -81,7 +81,7 @@ real: $(STAMP)
 	$(VENV)/bin/cycleqd-serve status --config configs/smollm2-serve.yaml; \
 	$(VENV)/bin/cycleqd-router serve --policy configs/smollm2-routing.yaml --manifest $(REAL_DIR)/serve/manifest.json --port 8001 & router=$$!; \
 	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8001/health && break; sleep 1; done; \
-	$(VENV)/bin/cycleqd-router demo --url http://127.0.0.1:8001/v1 --per-skill 4
+	$(VENV)/bin/cycleqd-serve route-demo --url http://127.0.0.1:8001/v1 --per-skill 4
 	@echo "make real: $$(( $$(date +%s) - $$(cat $(REAL_DIR)/.started) )) s end to end"
 
 # The results table over three seeds of evolution (same bootstrap models), as quoted in the README.

@@ -8,13 +8,11 @@ cycleqd-router demo       [--url http://127.0.0.1:8000/v1] [--per-skill 4]
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(help="Route OpenAI-API requests to the best served CycleQD elite.", no_args_is_help=True)
 console = Console(width=150)  # the demo table is wide; pipes default to 80 columns
@@ -96,47 +94,6 @@ def classifier(policy: PolicyOpt = None) -> None:
         router.build_classifier()
     for k, v in router.classifier_report.items():
         console.print(f"{k}: {v:.4g}")
-
-
-@app.command()
-def demo(
-    url: Annotated[str, typer.Option(help="the router's OpenAI base URL")] = "http://127.0.0.1:8000/v1",
-    per_skill: Annotated[int, typer.Option(min=1, help="held-out tasks per skill")] = 4,
-    seed: Annotated[int, typer.Option(help="which tasks, and their order")] = 0,
-    api_key: Annotated[str, typer.Option(envvar="CYCLEQD_API_KEY", help="router API key, if it needs one")] = "none",
-) -> None:
-    """Send a mixed batch of held-out skill-world tasks through the router (model 'auto') and grade them."""
-    import openai
-
-    from evolve.evaluators import SKILL_NAMES, get_skill
-
-    tasks = [(s, item) for s in SKILL_NAMES for item in get_skill(s).items("test", per_skill, seed=seed + 1000)]
-    random.Random(seed).shuffle(tasks)
-    client = openai.OpenAI(base_url=url, api_key=api_key)
-    table = Table(title=f"{len(tasks)} held-out tasks through {url} (model 'auto')")
-    for c in ("task", "skill", "elite", "reason", "weights", "score"):
-        table.add_column(c)
-    per_skill_scores: dict[str, list[float]] = {s: [] for s in SKILL_NAMES}
-    try:
-        for skill, item in tasks:
-            raw = client.chat.completions.with_raw_response.create(
-                model="auto", messages=[{"role": "user", "content": item.prompt}], max_tokens=48, temperature=0
-            )
-            answer = raw.parse().choices[0].message.content or ""
-            score = get_skill(skill).grade([item], [answer])[0]
-            per_skill_scores[skill].append(score)
-            h = raw.headers
-            prompt = item.prompt if len(item.prompt) < 48 else item.prompt[:45] + "..."
-            table.add_row(
-                prompt, skill, h.get("x-cycleqd-elite", "?"), h.get("x-cycleqd-reason", "?"),
-                h.get("x-cycleqd-skill-weights", "?"), f"{score:.0f}",
-            )  # fmt: skip
-    except openai.APIError as exc:
-        err.print(f"[red]error:[/red] the router answered {exc}")
-        raise typer.Exit(1) from None
-    console.print(table)
-    summary = ", ".join(f"{s} {100 * sum(v) / len(v):.1f}%" for s, v in per_skill_scores.items())
-    console.print(f"score per skill: {summary}")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ cycleqd-serve wait   [--config serve.yaml]   block until every engine in the man
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -267,6 +268,48 @@ def wait(
         time.sleep(1)
     err.print(f"[red]error:[/red] engines not ready after {timeout:.0f} s; see {cfg.out / 'logs'}")
     raise typer.Exit(1)
+
+
+@app.command("route-demo")
+def route_demo(
+    url: Annotated[str, typer.Option(help="the router's OpenAI base URL")] = "http://127.0.0.1:8000/v1",
+    per_skill: Annotated[int, typer.Option(min=1, help="held-out tasks per skill")] = 4,
+    seed: Annotated[int, typer.Option(help="which tasks, and their order")] = 0,
+    api_key: Annotated[str, typer.Option(envvar="CYCLEQD_API_KEY", help="router API key, if it needs one")] = "none",
+) -> None:
+    """Send a mixed batch of held-out skill-world tasks through a running router (model 'auto') and grade them
+    (here, not in router/, which never imports evolve)."""
+    import openai
+
+    from evolve.evaluators import SKILL_NAMES, get_skill
+
+    tasks = [(s, item) for s in SKILL_NAMES for item in get_skill(s).items("test", per_skill, seed=seed + 1000)]
+    random.Random(seed).shuffle(tasks)
+    client = openai.OpenAI(base_url=url, api_key=api_key)
+    table = Table(title=f"{len(tasks)} held-out tasks through {url} (model 'auto')")
+    for c in ("task", "skill", "elite", "reason", "weights", "score"):
+        table.add_column(c)
+    per_skill_scores: dict[str, list[float]] = {s: [] for s in SKILL_NAMES}
+    try:
+        for skill, item in tasks:
+            raw = client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": item.prompt}], max_tokens=48, temperature=0
+            )
+            answer = raw.parse().choices[0].message.content or ""
+            score = get_skill(skill).grade([item], [answer])[0]
+            per_skill_scores[skill].append(score)
+            h = raw.headers
+            prompt = item.prompt if len(item.prompt) < 48 else item.prompt[:45] + "..."
+            table.add_row(
+                prompt, skill, h.get("x-cycleqd-elite", "?"), h.get("x-cycleqd-reason", "?"),
+                h.get("x-cycleqd-skill-weights", "?"), f"{score:.0f}",
+            )  # fmt: skip
+    except openai.APIError as exc:
+        err.print(f"[red]error:[/red] the router answered {exc}")
+        raise typer.Exit(1) from None
+    console.print(table)
+    summary = ", ".join(f"{s} {100 * sum(v) / len(v):.1f}%" for s, v in per_skill_scores.items())
+    console.print(f"score per skill: {summary}")
 
 
 def main() -> None:
