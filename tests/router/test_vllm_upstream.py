@@ -12,14 +12,16 @@ import pytest
 from evolve.evaluators import format_prompt, get_skill
 from serve.manifest import load_manifest
 from tests.router.conftest import RunningRouter
-from tests.serve.test_engines import _start
+from tests.serve.test_engines import ENGINE_KEY, _start
 
 pytestmark = pytest.mark.slow
 
 
-def test_router_forwards_to_vllm_engines_sync_async_and_streaming(tmp_path, mini_run, classifier):
+def test_router_forwards_to_vllm_engines_sync_async_and_streaming(tmp_path, mini_run, classifier, monkeypatch):
     from router.app import Router
     from router.policy import RoutingPolicy
+
+    monkeypatch.setenv("CYCLEQD_ENGINE_KEY", ENGINE_KEY)  # the router presents the engines' key
 
     proc, manifest_path, _ = _start(tmp_path, mini_run, measure_truncation=False)
     try:
@@ -29,7 +31,7 @@ def test_router_forwards_to_vllm_engines_sync_async_and_streaming(tmp_path, mini
             routed = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x", max_retries=0)
             prompts = [format_prompt(i.prompt) for s in ("code", "os", "db") for i in get_skill(s).items("test", 2)]
             for elite in m.elites:
-                direct = openai.OpenAI(base_url=elite.endpoint, api_key="x", max_retries=0)
+                direct = openai.OpenAI(base_url=elite.endpoint, api_key=ENGINE_KEY, max_retries=0)
                 for p in prompts:
                     want = direct.completions.create(
                         model=elite.served_model_name, prompt=p, max_tokens=16, temperature=0
@@ -59,7 +61,7 @@ def test_router_forwards_to_vllm_engines_sync_async_and_streaming(tmp_path, mini
                 await ac.close()
                 return [o.choices[0].text for o in outs]
 
-            direct = openai.OpenAI(base_url=m.elites[0].endpoint, api_key="x")
+            direct = openai.OpenAI(base_url=m.elites[0].endpoint, api_key=ENGINE_KEY)
             want = [
                 direct.completions.create(model=chosen, prompt=p, max_tokens=16, temperature=0).choices[0].text
                 for p in prompts

