@@ -130,7 +130,6 @@ def test_adapter_and_lm_evals_local_models_agree_on_vllm_and_through_the_router(
     from tests.serve.test_engines import ENGINE_KEY, _start
 
     monkeypatch.setenv("CYCLEQD_ENGINE_KEY", ENGINE_KEY)  # the router presents the engines' key
-    monkeypatch.setenv("OPENAI_API_KEY", ENGINE_KEY)  # lm-eval's own client, straight at the engine
 
     elite = "expert:os"
     proc, manifest_path, _ = _start(
@@ -150,6 +149,7 @@ def test_adapter_and_lm_evals_local_models_agree_on_vllm_and_through_the_router(
         lm = LocalCompletionsAPI(
             base_url=f"{entry.endpoint}/completions", model=entry.served_model_name, tokenizer_backend=None,
             tokenized_requests=False, num_concurrent=1, max_retries=1,
+            header={"Authorization": f"Bearer {ENGINE_KEY}"},  # straight at the engine: its key
         )  # fmt: skip
         idx = ev.doc_splits["test"]
         res = evaluate(lm, ev.task_dict, samples={ev.task_name: idx}, bootstrap_iters=0, log_samples=True)
