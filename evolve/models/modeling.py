@@ -9,9 +9,6 @@ never damages the one that was there.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from evolve.atomic import atomic_directory
 from evolve.models.hf import ModelError, load_hf
 
 META_FILE = "cycleqd.json"
@@ -62,24 +60,10 @@ def new_model(arch: ArchSpec, tokenizer: PreTrainedTokenizerFast, *, seed: int) 
 
 def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path, meta: dict[str, Any]) -> None:
     """Write a complete model directory at ``path`` atomically (replacing an older one only once complete)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_meta(path: Path) -> dict[str, Any]:
