@@ -136,7 +136,7 @@ def campaign(work: Path, n_points: int, generations: int, seed: int) -> dict:
         run_bootstrap(mini_bootstrap_config(), models, console=Console(quiet=True))
     config = work / "evolve.yaml"
     cfg = mini_evolve_config(models, generations=generations)
-    config.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    config.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     ref_dir, run_dir = work / "reference", work / "killed"
     for d in (ref_dir, run_dir):
         subprocess.run(["rm", "-rf", str(d)], check=True)

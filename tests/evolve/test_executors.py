@@ -75,7 +75,7 @@ def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_sta
     assert started.returncode == 0, started.stderr
     try:
         cfg = mini_evolve_config(mini_models, generations=3, executor="ray", workers=2, ray_address=f"127.0.0.1:{port}")
-        (tmp_path / "evolve.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        (tmp_path / "evolve.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         out = subprocess.run(
             [sys.executable, "-m", "evolve", "run", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "evolve.yaml")],
             capture_output=True, text=True, env=env, timeout=600,

@@ -64,7 +64,7 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_uninterrupted_archive(t
     cfg = mini_evolve_config(mini_models, generations=10)
     reference = Evolution(tmp_path / "ref", cfg)
     reference.run()
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "evolve", "run", "--out", str(run_dir), "--config", str(tmp_path / "cfg.yaml")]
     rng = random.Random(os.getpid())

@@ -105,7 +105,7 @@ def test_a_run_completes_on_the_vllm_engine(family, tmp_path):
     root, _, _ = family
     settings = json.loads(mini_evolve_config(root / "models", generations=2, validation_items=6).model_dump_json())
     settings["engine"] = "vllm"
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     out = subprocess.run(
         [sys.executable, "-m", "evolve", "run", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "c.yaml")],
         capture_output=True, text=True, timeout=500, env=ENV,

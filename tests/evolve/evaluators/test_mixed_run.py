@@ -50,7 +50,7 @@ def test_a_run_mixing_kinds_completes_resumes_after_sigkill_and_reports_on_test(
     assert all(set(e["validation"]) == set(SKILLS) for e in st.elites.values())
     assert any(v > 0 for e in st.elites.values() for v in e["validation"].values())  # not all-zero scores
 
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "evolve", "run", "--out", str(run_dir), "--config", str(tmp_path / "cfg.yaml")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
