@@ -72,6 +72,9 @@ class Router:
         self.policy_path = policy_path
         self.metrics = Metrics()
         self.classifier = classifier  # (encoder, SkillClassifier) or None: built at start-up
+        #: Whether the classifier is built (given whole, or by build_classifier); its model may still be None when
+        #: the manifest carries no exemplars, and then every classified request is out of domain.
+        self.classifier_built = isinstance(classifier, tuple) and len(classifier) == 2 and classifier[1] is not None
         self.classifier_report: dict[str, float] = {}
         self.manifests = ManifestSet(policy.manifests)
         self._manifest_checked = 0.0
@@ -107,11 +110,11 @@ class Router:
             cache_dir=self.policy.cache_dir,
         )  # fmt: skip
         self.classifier, self.classifier_report = (encoder, clf), report
+        self.classifier_built = True
 
     @property
     def classifier_ready(self) -> bool:
-        """Built (its model may be None: a manifest without exemplars, where every request is out of domain)."""
-        return isinstance(self.classifier, tuple) and len(self.classifier) == 2
+        return self.classifier_built
 
     def start_classifier(self) -> None:
         """Build the classifier in a background thread, so that the server answers at once (requests that name

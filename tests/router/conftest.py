@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import time
@@ -39,6 +40,7 @@ def classifier():
     return encoder, clf, report
 
 
+@functools.cache
 def world_exemplars() -> dict:
     """The skill world's prompts per split, as `cycleqd-serve` puts them in the manifest for a world run."""
     from evolve.run import EvolveConfig
@@ -54,7 +56,7 @@ def free_port() -> int:
 
 
 def write_manifest(path, upstreams: dict[str, FakeUpstream], scores=ELITES, health=Health.READY) -> None:
-    m = ServingManifest(run="fake", skills=SKILLS)
+    m = ServingManifest(run="fake", skills=SKILLS, exemplars=world_exemplars())
     for i, (eid, up) in enumerate(upstreams.items()):
         m.engines.append(
             EngineEntry(id=f"engine-{i}", url=up.url, device="cpu", mode="full", base_model="x", health=health)
