@@ -26,6 +26,7 @@ from evolve.configfile import load_yaml_model
 from evolve.engines.hf import TransformersEngine
 from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
 from evolve.lora import lora_factors, merged_weights
+from evolve.models.hf import embedding_roles
 from evolve.models.modeling import load_model
 from router.app import Router
 from router.policy import RoutingPolicy
@@ -51,9 +52,10 @@ def main() -> None:
     model, tok = load_model(prep.base_model)
     engine = TransformersEngine(model, tok)
     scores = np.zeros((len(tasks), len(arts)))
+    roles = embedding_roles(prep.base_model)  # the served adapters carry the embedding and head too
     for j, art in enumerate(arts):
         engine.load_state_dict(
-            merged_weights(prep.bases.base, lora_factors(prep.bases, art.selected.genome, cfg.lora_rank))
+            merged_weights(prep.bases.base, lora_factors(prep.bases, art.selected.genome, cfg.lora_rank, roles))
         )
         for s in SKILL_NAMES:
             idx = [k for k, (sk, _) in enumerate(tasks) if sk == s]

@@ -24,6 +24,7 @@ import yaml
 from evolve.engines.hf import TransformersEngine
 from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
 from evolve.lora import lora_factors, merged_weights
+from evolve.models.hf import embedding_roles
 from evolve.models.modeling import load_model
 from evolve.run import load_run
 from serve.manifest import Health, load_manifest
@@ -122,6 +123,7 @@ def _wait_for(predicate, timeout: float = 180.0):
 def test_multi_lora_engine_serves_adds_restarts_and_stops(tmp_path, mini_run):
     config, state, bases = load_run(mini_run)
     model, tok = load_model(config.models / "base")
+    roles = embedding_roles(config.models / "base")  # the adapters carry the embedding and head too
     engine = TransformersEngine(model, tok)
     prompts = _prompts()
     proc, manifest_path, cfg = _start(tmp_path, mini_run, select={"ids": ["expert:code"], "best_per_skill": True})
@@ -136,7 +138,7 @@ def test_multi_lora_engine_serves_adds_restarts_and_stops(tmp_path, mini_run):
             assert elite.scores == state.elites[elite.id]["validation"] and elite.lora_rank == RANK * 3
             assert elite.served_scores is not None and set(elite.served_scores) == set(SKILL_NAMES)
             want = _expected(
-                engine, merged_weights(bases.base, lora_factors(bases, state.genomes[elite.id], RANK)), prompts
+                engine, merged_weights(bases.base, lora_factors(bases, state.genomes[elite.id], RANK, roles)), prompts
             )
             assert _served_text(elite.endpoint, elite.served_model_name, prompts) == want, elite.id
 
@@ -164,7 +166,7 @@ def test_multi_lora_engine_serves_adds_restarts_and_stops(tmp_path, mini_run):
         entry = next(e for e in m.elites if e.id == extra)
         pid_before = m.engines[0].pid
         want = _expected(
-            engine, merged_weights(bases.base, lora_factors(bases, state.genomes[extra], RANK)), prompts[:6]
+            engine, merged_weights(bases.base, lora_factors(bases, state.genomes[extra], RANK, roles)), prompts[:6]
         )
         assert _served_text(entry.endpoint, extra, prompts[:6]) == want
         removed = _admin_cli("remove", extra, tmp_path / "serve.yaml")
@@ -188,7 +190,7 @@ def test_multi_lora_engine_serves_adds_restarts_and_stops(tmp_path, mini_run):
         assert m.engines[0].pid != pid_before
         elite = m.elites[0]
         want = _expected(
-            engine, merged_weights(bases.base, lora_factors(bases, state.genomes[elite.id], RANK)), prompts[:3]
+            engine, merged_weights(bases.base, lora_factors(bases, state.genomes[elite.id], RANK, roles)), prompts[:3]
         )
         assert _served_text(elite.endpoint, elite.id, prompts[:3]) == want
     finally:
