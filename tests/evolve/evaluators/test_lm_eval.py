@@ -159,7 +159,10 @@ def test_adapter_and_lm_evals_local_models_agree_on_vllm_and_through_the_router(
 
         # `lm_eval --model local-chat-completions` through the router, end to end
         policy = RoutingPolicy(manifest=manifest_path, cache_dir=tmp_path / "cache")
-        with RunningRouter(Router(policy)) as r:
+        router = Router(policy)
+        router.refresh_manifest(force=True)
+        router.build_classifier()  # before serving: the skills come from this manifest's exemplars
+        with RunningRouter(router) as r:
             auto = openai.OpenAI(base_url=f"{r.url}/v1", api_key="x").chat.completions.with_raw_response.create(
                 model="auto", messages=[{"role": "user", "content": "List the files in /etc"}], max_tokens=4
             )
