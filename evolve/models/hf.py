@@ -57,10 +57,6 @@ class ModelInfo:
     dtypes: set[str]
     files: tuple[Path, ...]
 
-    @property
-    def tied(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", True)) and "lm_head.weight" not in self.shapes
-
     def n_params(self) -> int:
         n = 0
         for shape in self.shapes.values():
