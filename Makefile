@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install chromium demo real results test lint format bench clean
+.PHONY: install chromium redis demo real results test lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -102,7 +102,14 @@ chromium:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
 	  echo "chromium is not installed (needs root and apt-get): the browser tests will be skipped"
 
-test: $(STAMP) chromium
+# redis-server (Debian's package) for the tests of the router's shared feedback store; skipped with the reason where
+# it cannot be installed.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null); } || \
+	  echo "redis-server is not installed (needs root and apt-get): the Redis feedback tests will be skipped"
+
+test: $(STAMP) chromium redis
 	$(PY) -m pytest
 
 lint: $(STAMP)
