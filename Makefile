@@ -84,7 +84,8 @@ real: $(STAMP)
 	$(VENV)/bin/cycleqd-serve route-demo --url http://127.0.0.1:8001/v1 --per-skill 4
 	@echo "make real: $$(( $$(date +%s) - $$(cat $(REAL_DIR)/.started) )) s end to end"
 
-# The results table over three seeds of evolution (same bootstrap models), as quoted in the README.
+# The results table over three seeds of evolution (same bootstrap models), as quoted in the README; each seed also
+# gets the merge-search baseline with its run's validation budget (rows "(CMA-ES search)").
 SEEDS ?= 0 1 2
 results: $(STAMP)
 	$(VENV)/bin/cycleqd-evolve bootstrap --out $(DEMO_DIR)/models
@@ -92,6 +93,7 @@ results: $(STAMP)
 	  printf 'seed: %s\n' $$s > $(DEMO_DIR)/seed-$$s.yaml; \
 	  rm -rf $(DEMO_DIR)/seeds/run-$$s; \
 	  $(VENV)/bin/cycleqd-evolve run --out $(DEMO_DIR)/seeds/run-$$s --config $(DEMO_DIR)/seed-$$s.yaml || exit 1; \
+	  $(VENV)/bin/cycleqd-evolve merge-search $(DEMO_DIR)/seeds/run-$$s || exit 1; \
 	done
 	$(VENV)/bin/cycleqd-evolve report $(foreach s,$(SEEDS),$(DEMO_DIR)/seeds/run-$(s)) --out benchmarks/results/results_table
 

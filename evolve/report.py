@@ -20,6 +20,7 @@ from rich.table import Table
 from evolve.atomic import write_json_atomic
 from evolve.evaluators import score_skills
 from evolve.merge import dare, ties
+from evolve.merge_search import report_rows
 from evolve.models.hf import load_hf
 from evolve.run import STATE_FILE, Evolution, load_run_config
 
@@ -60,6 +61,7 @@ def score_run(run_dir: Path, console: Console, *, all_elites: bool = True) -> di
         experts = [ev.bases.materialise(layout.expert(q)) for q in range(k)]
         rows["TIES"] = weights(ties(ev.bases.base, experts))
         rows["DARE"] = weights(dare(ev.bases.base, experts, seed=cfg.seed))
+        rows.update(report_rows(Path(run_dir)))  # the searched merges, when `merge-search` ran on this run
         status.update("CycleQD")
         rows.update(score_cycleqd(ev))
         if all_elites:
@@ -90,9 +92,10 @@ def score_cycleqd(ev: Evolution) -> dict[str, dict[str, float]]:
 
 
 def combine(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Mean and standard deviation (0 for one run) per row and column."""
+    """Mean and standard deviation (0 for one run) per row and column, over the rows every run has (a run without
+    a merge search has no searched-merge rows, so those rows are left out rather than averaged over fewer runs)."""
     out: dict[str, dict[str, tuple[float, float]]] = {}
-    for row in runs[0]:
+    for row in [r for r in runs[0] if all(r in run for run in runs)]:
         out[row] = {}
         for col in runs[0][row]:
             values = [r[row][col] for r in runs]

@@ -91,6 +91,22 @@ def test_cli_stores_both_methods_in_the_run(mini_run, tmp_path):
     assert 0.02 <= ties["params"]["density"] <= 1 and 0 <= ties["params"]["scale"] <= 2
     rows = report_rows(run)
     assert set(rows) == {"task arithmetic (CMA-ES search)", "TIES (CMA-ES search)"}
+    # the report's table carries the searched merges beside CycleQD's rows, with the search's test scores
+    out = CliRunner().invoke(app, ["report", str(run), "--no-all-elites"])
+    assert out.exit_code == 0, out.output
+    reported = json.loads((run / "report.json").read_text())["rows"]
+    for name, scores in rows.items():
+        assert reported[name] == pytest.approx(scores)
+    assert "CycleQD best elite" in reported and "TIES" in reported
+
+
+def test_runs_without_a_merge_search_leave_its_rows_out_of_the_combined_table():
+    from evolve.report import combine
+
+    a = {"base": {"mean": 0.5}, "TIES (CMA-ES search)": {"mean": 0.9}}
+    b = {"base": {"mean": 0.7}}
+    out = combine([a, b])
+    assert set(out) == {"base"} and out["base"]["mean"][0] == pytest.approx(0.6)
 
 
 def test_default_budget_is_the_runs_evaluations():
