@@ -43,6 +43,9 @@ from serve.manifest import EliteEntry, ServingManifest
 
 log = logging.getLogger("cycleqd.router")
 
+#: A shared store's miss is retried after these pauses before the answer is 404: the replica that answered the
+#: request writes its attribution within milliseconds, but the agent may be faster.
+RETRY_UNKNOWN_S = (0.05, 0.1, 0.2, 0.4)
 #: A feedback body is a few ids and a number.
 MAX_FEEDBACK_BYTES = 16_384
 _FIELDS = {"request_id", "session_id", "score"}
@@ -127,27 +130,38 @@ class Feedback:
         """
         if self.store is None:
             raise APIError(404, "outcome feedback is off in the routing policy (feedback.enabled)", "feedback_disabled")
-        with self._lock:
-            self._flush()
-            served = self.store.claim(request_id, session_id)
-            if served is None:
-                what = f"request id {request_id!r}" if request_id is not None else f"session id {session_id!r}"
-                raise APIError(
-                    404, f"no answered request with {what} is known to the router (never routed here, failed, or "
-                    f"older than {self.policy.attribution_ttl_s:g} s)", "unknown_request",
-                    "request_id" if request_id is not None else "session_id",
-                )  # fmt: skip
-            if served == ALREADY_RATED:
-                raise APIError(409, "this request has already been rated; each request counts once", "already_rated")
-            assert isinstance(served, Served)
-            inc = increments(served, score)
-            self.store.add(inc)
-            evidence = dict(self.evidence)  # swapped whole below: readers on the event loop never lock
-            for key, (a, b) in inc.items():  # this router sees its own feedback at once
-                a0, b0 = evidence.get(key, (0.0, 0.0))
-                evidence[key] = (a0 + a, b0 + b)
-            self.evidence = evidence
-            return served
+        for delay in (*RETRY_UNKNOWN_S, None):
+            with self._lock:
+                self._flush()
+                served = self.store.claim(request_id, session_id)
+                if served is not None or delay is None or self.store.kind == "memory":
+                    return self._count(served, request_id, session_id, score)
+            time.sleep(delay)  # another replica may not have written its attribution yet
+        raise AssertionError("unreachable")
+
+    def _count(
+        self, served: Served | str | None, request_id: str | None, session_id: str | None, score: float
+    ) -> Served:
+        """Add a claimed request's outcome to the evidence (caller holds the lock), or raise why it cannot be."""
+        assert self.store is not None
+        if served is None:
+            what = f"request id {request_id!r}" if request_id is not None else f"session id {session_id!r}"
+            raise APIError(
+                404, f"no answered request with {what} is known to the router (never routed here, failed, or "
+                f"older than {self.policy.attribution_ttl_s:g} s)", "unknown_request",
+                "request_id" if request_id is not None else "session_id",
+            )  # fmt: skip
+        if served == ALREADY_RATED:
+            raise APIError(409, "this request has already been rated; each request counts once", "already_rated")
+        assert isinstance(served, Served)
+        inc = increments(served, score)
+        self.store.add(inc)
+        evidence = dict(self.evidence)  # swapped whole below: readers on the event loop never lock
+        for key, (a, b) in inc.items():  # this router sees its own feedback at once
+            a0, b0 = evidence.get(key, (0.0, 0.0))
+            evidence[key] = (a0 + a, b0 + b)
+        self.evidence = evidence
+        return served
 
     def sync(self, load: bool = True) -> None:
         """Write pending attributions and (with ``load``) re-read every replica's evidence. Blocking; errors are
