@@ -18,7 +18,7 @@ over several seeds:
 - **routed success**: the mean production success probability of the chosen elites, against the oracle that always
   picks the truly best elite for the task's weights.
 
-    .venv/bin/python benchmarks/bench_feedback.py [--tasks 3000] [--seeds 0 1 2 3 4] [--mixed 0.3] [--store memory]
+    .venv/bin/python benchmarks/bench_feedback.py [--tasks 3000] [--seeds 0 1 ... 19] [--mixed 0.3] [--store memory]
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=3000)
     ap.add_argument("--mixed", type=float, default=0.3, help="share of tasks that mix two skills evenly")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(20)))
     ap.add_argument("--prior-strength", type=float, default=20.0)
     ap.add_argument("--margin", type=float, default=0.02)
     ap.add_argument("--store", choices=["memory", "sqlite"], default="memory")
