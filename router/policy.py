@@ -54,7 +54,9 @@ class FeedbackPolicy(BaseModel):
         "none", description="thompson: order the elites within the margin by a draw from their posteriors"
     )
     seed: int | None = Field(None, description="seed of the Thompson draws (tests, simulations)")
-    attribution_ttl_s: float = Field(86400.0, gt=0, description="how long a request can still be rated")
+    attribution_ttl_s: float = Field(
+        3600.0, gt=0, description="how long a request can still be rated (a shared store keeps rate x TTL of them)"
+    )
     max_attributions: int = Field(100_000, ge=1, description="answered requests remembered (memory store)")
     sync_s: float = Field(1.0, gt=0, description="how often the evidence is re-read from a shared store")
 

@@ -274,3 +274,25 @@ def test_sqlite_is_safe_for_several_processes_on_one_file(tmp_path):
     assert sorted(outs) == sorted(["claimed", ALREADY_RATED, ALREADY_RATED, ALREADY_RATED])
     assert SQLiteStore(db).load() == {("coder", "code"): (400.0, 200.0)}
     assert isinstance(store.claim("p3-99", None), Served)
+
+
+def test_a_policy_reload_swaps_the_feedback_settings_and_keeps_the_sqlite_evidence(tmp_path):
+    db = str(tmp_path / "fb.sqlite")
+    router = local_router(tmp_path, store="sqlite", path=db)
+    router.feedback.remember("r", None, "coder", {"code": 1.0})
+    router.feedback.rate("r", None, 0.0)
+    router.policy_path = tmp_path / "policy.yaml"
+    base = {"manifest": str(tmp_path / "manifest.json")}
+    router.policy_path.write_text(json.dumps({**base, "feedback": {"enabled": True, "store": "sqlite", "path": db,
+                                                                   "explore": "thompson"}}))  # fmt: skip
+    old = router.feedback
+    router.reload_policy()
+    assert router.feedback is not old and router.feedback.explores
+    assert router.feedback.evidence == {("coder", "code"): (0.0, 1.0)}
+    router.policy_path.write_text(json.dumps({**base, "feedback": {"enabled": True, "store": "redis"}}))
+    with pytest.raises(ConfigError, match="needs 'redis_url'"):
+        router.reload_policy()
+    assert router.feedback.explores  # the old settings stay
+    router.policy_path.write_text(json.dumps(base))
+    router.reload_policy()
+    assert not router.feedback.enabled and first(router) == "coder"
