@@ -76,7 +76,8 @@ class Feedback:
         self.policy = policy
         self.store: Store | None = open_store(policy) if policy.enabled else None
         self.evidence: Evidence = {}
-        self.pending: deque[tuple[Served, str | None]] = deque()  # answered, not yet written to a shared store
+        # answered, not yet written to a shared store; bounded, so a store that is down costs no more than this
+        self.pending: deque[tuple[Served, str | None]] = deque(maxlen=policy.max_attributions)
         self.rng = random.Random(policy.seed)
         self.synced_at: float | None = None
         self.sync_error: str | None = None

@@ -57,7 +57,11 @@ class FeedbackPolicy(BaseModel):
     attribution_ttl_s: float = Field(
         3600.0, gt=0, description="how long a request can still be rated (a shared store keeps rate x TTL of them)"
     )
-    max_attributions: int = Field(100_000, ge=1, description="answered requests remembered (memory store)")
+    max_attributions: int = Field(
+        100_000,
+        ge=1,
+        description="answered requests remembered (memory store), or queued for a shared store that is down",
+    )
     sync_s: float = Field(1.0, gt=0, description="how often the evidence is re-read from a shared store")
 
     @model_validator(mode="after")

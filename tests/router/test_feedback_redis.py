@@ -167,3 +167,18 @@ def test_two_router_processes_share_feedback_through_redis(tmp_path, redis_url):
         two.stop()
         for u in ups.values():
             u.stop()
+
+
+def test_when_redis_goes_away_routing_goes_on_and_feedback_answers_503(start_router, redis_url):
+    import contextlib
+
+    import redis
+
+    r = start_router(feedback={"enabled": True, "store": "redis", "redis_url": redis_url, "sync_s": 0.2})
+    rid = chat_code(r.url).headers["x-request-id"]
+    with contextlib.suppress(redis.ConnectionError):
+        redis.Redis.from_url(redis_url).shutdown(nosave=True)
+    assert chat_code(r.url).headers["x-cycleqd-elite"] == "coder"  # ranking never waits for the store
+    resp = httpx.post(f"{r.url}/v1/feedback", json={"request_id": rid, "score": 1}, timeout=30)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "feedback_store_unavailable"
+    wait_for(lambda: httpx.get(f"{r.url}/v1/feedback").json()["sync_error"], 15, "the sync error to show")
