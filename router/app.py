@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.configfile import ConfigError
 from router.decision import Router
+from router.feedback import keep_in_sync, post_feedback
 from router.protocol import (
     CHAT_SCHEMA,
     COMPLETION_SCHEMA,
@@ -80,8 +81,11 @@ def create_app(router: Router) -> FastAPI:
                     await asyncio.to_thread(router.refresh_manifest, True)
 
         poller = asyncio.create_task(poll_manifests())
+        syncer = asyncio.create_task(keep_in_sync(lambda: router.feedback))  # outcome feedback's shared store
         yield
         poller.cancel()
+        syncer.cancel()
+        await asyncio.to_thread(router.feedback.close)
         if router.classifier_task is not None:
             router.classifier_task.cancel()
         await router.client.aclose()
@@ -208,6 +212,11 @@ def create_app(router: Router) -> FastAPI:
             trace = upstream_headers(request.state)
             response = await forward(router, body, candidates, weights, reason, route, t0, trace)
             status = response.status_code
+            if status < 400:  # who answered, for feedback naming this request or its session
+                sid = request.headers.get(router.policy.session_header)
+                router.feedback.remember(
+                    request.state.request_id, sid, response.headers.get("x-cycleqd-elite"), weights
+                )
             return response
         except APIError as exc:
             status = exc.status
@@ -256,6 +265,18 @@ def create_app(router: Router) -> FastAPI:
                 "cycleqd": {"kind": "alias", "weights": w},
             })  # fmt: skip
         return {"object": "list", "data": data}
+
+    @app.post("/v1/feedback", responses={**ERROR_RESPONSES, "409": {"description": "conflict_error"}})
+    async def feedback(request: Request) -> dict[str, Any]:
+        """An agent's outcome for an answered request: ``{request_id | session_id, score in [0, 1]}``."""
+        if router.limiter and not router.limiter.take(request.state.client_key):
+            raise APIError(429, "rate limit exceeded for this key; retry later", "rate_limit_exceeded")
+        return await post_feedback(router.feedback, request, router.metrics)
+
+    @app.get("/v1/feedback", responses=ERROR_RESPONSES)
+    async def feedback_stats() -> dict[str, Any]:
+        """The per-elite, per-skill posteriors that outcome feedback has built (read-only)."""
+        return router.feedback.stats(router.manifest)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -23,11 +23,12 @@ from typing import Any
 import httpx
 
 from router.configfile import ConfigError, load_yaml_model
+from router.feedback import Feedback
 from router.limits import Metrics, TokenBucket
 from router.manifests import ManifestSet
 from router.policy import RoutingPolicy
 from router.protocol import APIError
-from router.selection import Breaker, normalise, parse_weights, rank
+from router.selection import Breaker, normalise, parse_weights, rank, value
 from serve.manifest import EliteEntry, Health, ServingManifest
 
 log = logging.getLogger("cycleqd.router")
@@ -85,6 +86,7 @@ class Router:
         self.engine_key = engine_key()
         self.classifier_task: asyncio.Future[None] | None = None  # the background build at start-up
         self.classifier_error: str | None = None
+        self.feedback = Feedback(policy.feedback)  # outcome feedback's posteriors (off unless the policy says)
 
     # -- state -----------------------------------------------------------------------------------------------
     @property
@@ -181,7 +183,11 @@ class Router:
             raise ConfigError(f"{self.policy_path}: " + "; ".join(problems))
         key = engine_key()
         old = self.policy
+        feedback = Feedback(new.feedback) if new.feedback != old.feedback else self.feedback
         self.policy, self.manifests, self.engine_key = new, manifests, key
+        if feedback is not self.feedback:
+            self.feedback, retired = feedback, self.feedback
+            retired.close()
         self.limiter = TokenBucket(new.rate_limit_per_minute) if new.rate_limit_per_minute else None
         if new.classifier != old.classifier:
             self.build_classifier()
@@ -257,9 +263,11 @@ class Router:
             if weights is None:  # far from every skill: the policy's fallback (best mean, or a given elite)
                 weights, reason = {k: 1.0 / len(m.skills) for k in m.skills}, "out_of_domain"
         explicit = headers.get(pol.session_header)
+        fb = self.feedback
         ranked = rank(
             m.elites, weights, healthy=self.healthy, load=lambda e: self.inflight[e.engine_id], margin=pol.margin,
-            session=explicit or conversation_key(body),
+            session=explicit or conversation_key(body), worth=fb.worth if fb.enabled else value,
+            sample=fb.sample if fb.explores else None,
         )  # fmt: skip
         if not ranked:
             raise APIError(503, "no healthy elite is being served right now; retry later", "no_healthy_upstream")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, Summary
 from prometheus_client import Counter as PCounter
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -32,6 +32,13 @@ class Metrics:
         )
         self.classifier = Histogram(
             "cycleqd_router_classifier_seconds", "Classifier time per request", buckets=BUCKETS, registry=r
+        )
+        self.feedback = PCounter(
+            "cycleqd_router_feedback", "Outcome feedback received, by result (accepted, or the error code)",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.feedback_score = Summary(
+            "cycleqd_router_feedback_score", "Scores of accepted outcome feedback, per elite", ["elite"], registry=r
         )
 
 

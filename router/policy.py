@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ClassifierPolicy(BaseModel):
@@ -32,6 +32,47 @@ class Timeouts(BaseModel):
     connect_s: float = Field(3.0, gt=0)
     first_byte_s: float = Field(120.0, gt=0, description="until the upstream's response headers")
     idle_s: float = Field(60.0, gt=0, description="longest gap between two chunks of a response")
+
+
+class FeedbackPolicy(BaseModel):
+    """Outcome feedback (``POST /v1/feedback``): a per-elite, per-skill Beta posterior of success whose prior is the
+    elite's calibration score worth ``prior_strength`` observations; see docs/feedback.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="accept feedback and rank by the posterior mean instead of the score")
+    store: Literal["memory", "sqlite", "redis"] = Field(
+        "memory", description="memory (one process), sqlite (survives restarts; one machine), redis (replicas)"
+    )
+    path: Path | None = Field(None, description="the SQLite file (store: sqlite)")
+    redis_url: str | None = Field(None, description="redis://host:6379/0 (store: redis)")
+    namespace: str = Field(
+        "default", min_length=1, description="evidence is kept per namespace: give a new population its own"
+    )
+    prior_strength: float = Field(20.0, gt=0, description="how many outcomes the calibration score is worth")
+    explore: Literal["none", "thompson"] = Field(
+        "none", description="thompson: order the elites within the margin by a draw from their posteriors"
+    )
+    seed: int | None = Field(None, description="seed of the Thompson draws (tests, simulations)")
+    attribution_ttl_s: float = Field(
+        3600.0, gt=0, description="how long a request can still be rated (a shared store keeps rate x TTL of them)"
+    )
+    max_attributions: int = Field(
+        100_000,
+        ge=1,
+        description="answered requests remembered (memory store), or queued for a shared store that is down",
+    )
+    sync_s: float = Field(1.0, gt=0, description="how often the evidence is re-read from a shared store")
+
+    @model_validator(mode="after")
+    def _store_settings(self) -> FeedbackPolicy:
+        if self.store == "sqlite" and self.path is None:
+            raise ValueError("store 'sqlite' needs 'path' (the SQLite file, e.g. .cache/router/feedback.sqlite)")
+        if self.store == "redis" and not self.redis_url:
+            raise ValueError("store 'redis' needs 'redis_url' (e.g. redis://127.0.0.1:6379/0)")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url {self.redis_url!r} must start with redis://, rediss:// or unix://")
+        return self
 
 
 class RoutingPolicy(BaseModel):
@@ -64,6 +105,7 @@ class RoutingPolicy(BaseModel):
     admin_key_env: str = Field("CYCLEQD_ROUTER_ADMIN_KEY", description="key for POST /admin/reload")
     cache_dir: Path = Field(Path(".cache/router"), description="classifier exemplar embeddings")
     metrics_public: bool = Field(False, description="serve /metrics without an API key even when keys are set")
+    feedback: FeedbackPolicy = Field(default_factory=FeedbackPolicy)
 
     @field_validator("aliases")
     @classmethod

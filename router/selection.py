@@ -1,6 +1,7 @@
 """Choosing the elite for a request: weighted archive scores, a margin of equals, load, affinity, health.
 
-For skill weights w, elite e is worth sum_k w_k * score(e, k). Healthy elites within ``margin`` of the best are
+For skill weights w, elite e is worth sum_k w_k * score(e, k) (with outcome feedback on, posterior means stand in
+for the scores: ``router.feedback``). Healthy elites within ``margin`` of the best are
 equals: a request without a session goes to the least-loaded of them; a session goes to the one that rendezvous
 (highest-random-weight) hashing of its key picks, so every router replica picks the same elite for the same
 session without sharing any state, and when that elite fails the next in the same hash order takes over. The
@@ -34,16 +35,25 @@ def rank(
     load: Callable[[EliteEntry], int],
     margin: float,
     session: str | None = None,
+    worth: Callable[[EliteEntry, Mapping[str, float]], float] = value,
+    sample: Callable[[EliteEntry, Mapping[str, float]], float] | None = None,
 ) -> list[EliteEntry]:
-    """Healthy elites in the order to try them: the chosen one first, then fallbacks."""
+    """Healthy elites in the order to try them: the chosen one first, then fallbacks.
+
+    ``worth`` is what an elite is worth for the weights (the scores, or outcome feedback's posterior means);
+    ``sample``, when given, orders the equals of a request without a session by one draw each (exploration)
+    instead of by load. A session keeps its rendezvous order either way, so an episode stays on one elite."""
     live = [e for e in elites if healthy(e)]
     if not live:
         return []
-    vals = {e.id: value(e, weights) for e in live}
+    vals = {e.id: worth(e, weights) for e in live}
     best = max(vals.values())
     near = [e for e in live if vals[e.id] >= best - margin - 1e-12]
     if session is not None:
         near.sort(key=lambda e: -rendezvous_score(session, e.id))
+    elif sample is not None and len({e.id for e in near}) > 1:
+        draws = {e.id: sample(e, weights) for e in near}
+        near.sort(key=lambda e: (-draws[e.id], load(e), e.id))
     else:
         near.sort(key=lambda e: (load(e), -vals[e.id], e.id))
     rest = sorted((e for e in live if e not in near), key=lambda e: (-vals[e.id], e.id))
