@@ -51,7 +51,12 @@ def serve(
     alias or the weights header are served meanwhile). The URL is printed once the server answers (with
     ``--workers N``, once every worker does; a reload reaches every worker, see ``router.workers``).
     """
+    import os
     import sys
+
+    # prometheus-client picks its value store at import, from this variable: the parent of N workers serves nothing
+    # and must not write metric files of its own there (see router.workers.metrics_dir_for)
+    metrics_dir = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None) if workers > 1 else None
 
     import uvicorn
 
@@ -80,7 +85,10 @@ def serve(
         from router.workers import serve_workers
 
         try:
-            ok = serve_workers(router, workers=workers, host=host, port=port, log_level=log_level, announce=announce)
+            ok = serve_workers(
+                router, workers=workers, host=host, port=port, log_level=log_level, announce=announce,
+                metrics_dir=metrics_dir,
+            )  # fmt: skip
         except ConfigError as exc:
             from rich.markup import escape
 

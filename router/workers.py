@@ -123,11 +123,10 @@ def app_from_env() -> FastAPI:
     return create_app(Router(sync.current(), policy_path=Path(path) if path else None, workers=sync))
 
 
-def metrics_dir_for(root: Path) -> tuple[Path, bool]:
-    """Where the workers' metric files go: ``PROMETHEUS_MULTIPROC_DIR`` if set (it must be empty: files left
-    from another server would be summed into this one's counts), else a fresh directory under ``root``.
-    Returns the directory and whether it was given (then only its files are removed at exit)."""
-    given = os.environ.get(METRICS_ENV)
+def metrics_dir_for(root: Path, given: str | None) -> tuple[Path, bool]:
+    """Where the workers' metric files go: ``given`` (``PROMETHEUS_MULTIPROC_DIR`` as the user set it) if set (it
+    must be empty: files left from another server would be summed into this one's counts), else a fresh directory
+    under ``root``. Returns the directory and whether it was given (then only its files are removed at exit)."""
     if not given:
         (root / "metrics").mkdir()
         return root / "metrics", False
@@ -211,22 +210,25 @@ def serve_workers(
     port: int,
     log_level: str,
     announce: Callable[[], None],
+    metrics_dir: str | None = None,
 ) -> bool:
     """Run ``workers`` processes on ``host:port`` until SIGINT/SIGTERM; ``router`` is the parent's, already
-    checked against the manifest. ConfigError for a metrics directory that cannot be used; False if the workers
-    never all started."""
+    checked against the manifest; ``metrics_dir``: the user's ``PROMETHEUS_MULTIPROC_DIR``, if any (the parent
+    must not have it in its own environment when it imports prometheus-client). ConfigError for a metrics
+    directory that cannot be used; False if the workers never all started."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
     root = Path(tempfile.mkdtemp(prefix="cycleqd-router-"))
-    metrics_dir, given = None, False
+    given, user_dir = False, metrics_dir
+    metrics_path: Path | None = None
     try:
-        metrics_dir, given = metrics_dir_for(root)
+        metrics_path, given = metrics_dir_for(root, user_dir)
         sync = WorkerSync(root, workers)
         sync.publish(router.policy)
         router.workers = sync
         os.environ.update({
-            METRICS_ENV: str(metrics_dir), STATE_ENV: str(root), COUNT_ENV: str(workers),
+            METRICS_ENV: str(metrics_path), STATE_ENV: str(root), COUNT_ENV: str(workers),
             POLICY_PATH_ENV: str(router.policy_path or ""),
         })  # fmt: skip
         # the same settings as the single-process path (cli.serve), and why, is said there
@@ -236,7 +238,7 @@ def serve_workers(
         )  # fmt: skip
         sock = config.bind_socket()
         sup = make_supervisor(Multiprocess)(
-            config, [sock], router=router, sync=sync, metrics_dir=metrics_dir, announce=announce
+            config, [sock], router=router, sync=sync, metrics_dir=metrics_path, announce=announce
         )
         try:
             sup.run()
@@ -245,6 +247,6 @@ def serve_workers(
         return sup.announced
     finally:
         shutil.rmtree(root, ignore_errors=True)
-        if given and metrics_dir is not None:
-            for f in metrics_dir.glob("*.db"):
+        if given and metrics_path is not None:
+            for f in metrics_path.glob("*.db"):
                 f.unlink(missing_ok=True)
