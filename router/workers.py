@@ -1,9 +1,10 @@
 """``cycleqd-router serve --workers N``: N worker processes answering on one port, as one router.
 
 One Python process tops out at about one core (the GIL), so a router that must use more cores runs N uvicorn
-workers behind one listening socket: the parent binds it, checks the policy and the manifest once (as the
-single-process path does), then supervises the workers (uvicorn's ``Multiprocess``: a worker that dies is
-replaced). What makes the N processes one router:
+workers on one port: the parent checks the policy and the manifest once (as the single-process path does),
+binds one listening socket per worker (``SO_REUSEPORT``, so that the kernel spreads connections evenly; see
+``listen_sockets``), then supervises the workers (uvicorn's ``Multiprocess``: a worker that dies is replaced,
+on the same socket). What makes the N processes one router:
 
 - **the policy**: the parent writes the policy it checked to ``policy.json`` in a private state directory, with
   a fresh token; each worker starts from that file (``app_from_env``, uvicorn's app factory) and, in the poll
@@ -29,21 +30,24 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from socket import socket
 from typing import TYPE_CHECKING
 
+import uvicorn
+from prometheus_client import multiprocess
 from pydantic import ValidationError
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from router.configfile import ConfigError
 from router.policy import RoutingPolicy
 
 if TYPE_CHECKING:
-    import uvicorn
     from fastapi import FastAPI
 
     from router.decision import Router
@@ -140,66 +144,113 @@ def metrics_dir_for(root: Path, given: str | None) -> tuple[Path, bool]:
     return d, True
 
 
-def make_supervisor(base: type) -> type:
-    """uvicorn's ``Multiprocess`` supervisor with the router's differences (a function: uvicorn is imported late)."""
+def listen_sockets(host: str, port: int, n: int, backlog: int) -> list[socket.socket]:
+    """One listening socket per worker, all on ``host:port`` (``SO_REUSEPORT``): the kernel spreads new
+    connections evenly over them. With one socket shared by all workers (uvicorn's way) the worker that wakes
+    first accepts every connection waiting (asyncio accepts up to ``backlog`` per wake-up), so a burst of
+    keep-alive connections, as a load balancer's pool opens them, lands mostly on one worker: 93% on one of two
+    in ``benchmarks/bench_workers.py``. The parent keeps every socket, so a worker's replacement takes over its
+    queue. Without ``SO_REUSEPORT`` (not Linux or BSD): one shared socket.
 
-    class Supervisor(base):  # type: ignore[misc, valid-type]
-        def __init__(
-            self, config: uvicorn.Config, sockets: list[socket], *, router: Router, sync: WorkerSync,
-            metrics_dir: Path, announce: Callable[[], None],
-        ) -> None:  # fmt: skip
-            super().__init__(config, sockets)
-            self.router, self.sync, self.metrics_dir, self.announce = router, sync, metrics_dir, announce
-            self.announced = False
+    Another process could join a ``SO_REUSEPORT`` group on the same port and silently take a share of the
+    connections; so the port is first bound once without it, which fails (address in use) if anyone listens."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:  # in use: fail as uvicorn's own bind would
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    reuseport = getattr(socket, "SO_REUSEPORT", None)
+    out: list[socket.socket] = []
+    for _ in range(n if reuseport is not None else 1):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport is not None:
+            sock.setsockopt(socket.SOL_SOCKET, reuseport, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.set_inheritable(True)
+        out.append(sock)
+    return out
 
-        def init_processes(self) -> None:
-            """Start the workers, then announce once every one has finished its start-up (is answering)."""
-            super().init_processes()
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while not self.should_exit.is_set():
-                self.handle_signals()  # Ctrl-C or SIGTERM during the start-up
-                if any(not p.process.is_alive() for p in self.processes):
-                    return  # a failed start: the supervisor's loop sees it and stops (uvicorn's STARTUP_FAILURE)
-                if all(p.is_ready(timeout=1) for p in self.processes):
-                    self.announced = True
-                    self.announce()
-                    return
-                if time.monotonic() > deadline:
-                    log.error("the workers did not all start within %.0f s", STARTUP_TIMEOUT_S)
-                    return
-                time.sleep(0.05)
 
-        def handle_hup(self) -> None:
-            """SIGHUP: read and check the policy file here, then publish it to every worker (uvicorn's own
-            SIGHUP restarts every worker instead: a classifier rebuilt per worker, for nothing)."""
-            try:
-                self.router.refresh_manifest(force=True)
-                new, manifests = self.router.read_policy()
-            except ConfigError as exc:
-                log.error("policy not reloaded, the old one stays: %s", exc)
+class Supervisor(Multiprocess):
+    """uvicorn's ``Multiprocess`` supervisor (start N workers, replace one that dies, stop them on SIGINT/SIGTERM)
+    with the router's differences: worker i always gets listening socket i, the URL is announced once every
+    worker answers, SIGHUP reloads the policy instead of restarting every worker, a dead worker's metric files
+    are marked dead."""
+
+    def __init__(
+        self, config: uvicorn.Config, sockets: list[socket.socket], *, router: Router, sync: WorkerSync,
+        metrics_dir: Path, announce: Callable[[], None],
+    ) -> None:  # fmt: skip
+        super().__init__(config, sockets)
+        self.router, self.sync, self.metrics_dir, self.announce = router, sync, metrics_dir, announce
+        self.announced = False
+
+    def new_process(self, idx: int) -> Process:
+        return Process(self.config, [self.sockets[idx % len(self.sockets)]])
+
+    def init_processes(self) -> None:
+        """Start the workers, then announce once every one has finished its start-up (is answering)."""
+        for idx in range(self.processes_num):
+            process = self.new_process(idx)
+            process.start()
+            self.processes.append(process)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self.should_exit.is_set():
+            self.handle_signals()  # Ctrl-C or SIGTERM during the start-up
+            if any(not p.process.is_alive() for p in self.processes):
+                return  # a failed start: keep_subprocess_alive sees it and stops (uvicorn's STARTUP_FAILURE)
+            if all(p.is_ready(timeout=1) for p in self.processes):
+                self.announced = True
+                self.announce()
                 return
-            self.router.policy, self.router.manifests = new, manifests
-            self.sync.publish(new)
-            log.warning(
-                "policy reloaded from %s (SIGHUP); every worker applies it within a second", self.router.policy_path
-            )
+            if time.monotonic() > deadline:
+                log.error("the workers did not all start within %.0f s", STARTUP_TIMEOUT_S)
+                return
+            time.sleep(0.05)
 
-        def keep_subprocess_alive(self) -> None:
-            before = {p.pid for p in self.processes}
-            super().keep_subprocess_alive()
-            from prometheus_client import multiprocess
+    def keep_subprocess_alive(self) -> None:
+        """uvicorn's, but the replacement gets the dead worker's socket (and the dead worker's files are marked)."""
+        if self.should_exit.is_set():
+            return
+        for idx, process in enumerate(self.processes):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()  # hung, or already gone
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:  # the app cannot start: restarting would fail the same way
+                log.error("worker %s failed to start; stopping", process.pid)
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            log.warning("worker %s died (exit code %s); starting another", process.pid, process.exitcode)
+            if process.pid is not None:  # its live gauges (none so far) stop counting; its counters stay
+                multiprocess.mark_process_dead(process.pid, str(self.metrics_dir))
+            self.processes[idx] = self.new_process(idx)
+            self.processes[idx].start()
 
-            for pid in before - {p.pid for p in self.processes}:  # replaced: its live gauges no longer count
-                if pid is not None:
-                    multiprocess.mark_process_dead(pid, str(self.metrics_dir))
+    def handle_hup(self) -> None:
+        """SIGHUP: read and check the policy file here, then publish it to every worker (uvicorn's own SIGHUP
+        restarts every worker instead: a classifier rebuilt per worker, for nothing)."""
+        try:
+            self.router.refresh_manifest(force=True)
+            new, manifests = self.router.read_policy()
+        except ConfigError as exc:
+            log.error("policy not reloaded, the old one stays: %s", exc)
+            return
+        self.router.policy, self.router.manifests = new, manifests
+        self.sync.publish(new)
+        log.warning(
+            "policy reloaded from %s (SIGHUP); every worker applies it within a second", self.router.policy_path
+        )
 
-        def handle_ttin(self) -> None:
-            log.warning("SIGTTIN ignored: restart with another --workers (each worker's rate-limit share is 1/N)")
+    def handle_ttin(self) -> None:
+        log.warning("SIGTTIN ignored: restart with another --workers (each worker's rate-limit share is 1/N)")
 
-        def handle_ttou(self) -> None:
-            log.warning("SIGTTOU ignored: restart with another --workers (each worker's rate-limit share is 1/N)")
-
-    return Supervisor
+    def handle_ttou(self) -> None:
+        log.warning("SIGTTOU ignored: restart with another --workers (each worker's rate-limit share is 1/N)")
 
 
 def serve_workers(
@@ -216,9 +267,6 @@ def serve_workers(
     checked against the manifest; ``metrics_dir``: the user's ``PROMETHEUS_MULTIPROC_DIR``, if any (the parent
     must not have it in its own environment when it imports prometheus-client). ConfigError for a metrics
     directory that cannot be used; False if the workers never all started."""
-    import uvicorn
-    from uvicorn.supervisors import Multiprocess
-
     root = Path(tempfile.mkdtemp(prefix="cycleqd-router-"))
     given, user_dir = False, metrics_dir
     metrics_path: Path | None = None
@@ -236,14 +284,16 @@ def serve_workers(
             "router.workers:app_from_env", factory=True, host=host, port=port, workers=workers,
             log_level=log_level, timeout_graceful_shutdown=30, timeout_keep_alive=75,
         )  # fmt: skip
-        sock = config.bind_socket()
-        sup = make_supervisor(Multiprocess)(
-            config, [sock], router=router, sync=sync, metrics_dir=metrics_path, announce=announce
-        )
+        try:
+            socks = listen_sockets(host, port, workers, config.backlog)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        sup = Supervisor(config, socks, router=router, sync=sync, metrics_dir=metrics_path, announce=announce)
         try:
             sup.run()
         finally:
-            sock.close()
+            for sock in socks:
+                sock.close()
         return sup.announced
     finally:
         shutil.rmtree(root, ignore_errors=True)

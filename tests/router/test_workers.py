@@ -21,17 +21,26 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 import yaml
 
 from router.decision import Router
 from router.policy import RoutingPolicy
 from router.workers import WorkerSync
-from serve.manifest import load_manifest, save_manifest
-from tests.router.conftest import ELITES, free_port, write_manifest
+from tests.router import conftest
+from tests.router.conftest import ELITES, free_port
 
 ADMIN = "adm-key"
 #: Every elite equally good at everything: which one serves a session is the rendezvous hash's choice alone.
 EQUAL = {eid: {"code": 0.9, "os": 0.9, "db": 0.9} for eid in ELITES}
+
+
+def write_manifest(path: Path, upstreams: dict, scores: dict = ELITES) -> None:
+    """The test manifest without the skill world's exemplars: no classifier to build (every request here names an
+    alias or an elite), so workers start fast, and the world is not generated (15 s)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conftest, "world_exemplars", lambda: None)
+        conftest.write_manifest(path, upstreams, scores=scores)
 
 
 class WorkerServer:
@@ -40,8 +49,6 @@ class WorkerServer:
     def __init__(self, tmp_path: Path, upstreams: dict, workers: int = 2, scores: dict = ELITES, **policy: Any):
         manifest = tmp_path / "manifest.json"
         write_manifest(manifest, upstreams, scores=scores)
-        m = load_manifest(manifest)
-        save_manifest(manifest, m.model_copy(update={"exemplars": None}))  # no classifier to build: fast starts
         self.policy_file = tmp_path / "policy.yaml"
         self.policy = {"manifest": str(manifest), "cache_dir": str(tmp_path / "cache"), **policy}
         self.write_policy()
