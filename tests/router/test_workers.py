@@ -214,3 +214,25 @@ def test_one_worker_is_the_single_process_path(tmp_path, upstreams):
     with WorkerServer(tmp_path, upstreams, workers=1) as s:
         assert psutil.Process(s.proc.pid).children() == []
         assert post(s.url, "coder").status_code == 200
+
+
+def test_one_socket_per_worker_on_one_port_and_a_port_in_use_is_refused():
+    """Workers get a socket each (SO_REUSEPORT); a port someone listens on, even such a group, is refused, so that a
+    second router started by mistake fails instead of silently taking a share of the first one's connections."""
+    import socket
+
+    from router.workers import listen_sockets
+
+    group = listen_sockets("127.0.0.1", 0, 3, 128)
+    try:
+        assert len(group) == 3 and len({s.getsockname() for s in group}) == 1
+        with pytest.raises(OSError):
+            listen_sockets("127.0.0.1", group[0].getsockname()[1], 2, 128)
+        with socket.socket() as plain:
+            plain.bind(("127.0.0.1", 0))
+            plain.listen()
+            with pytest.raises(OSError):
+                listen_sockets("127.0.0.1", plain.getsockname()[1], 2, 128)
+    finally:
+        for s in group:
+            s.close()
