@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.configfile import ConfigError
@@ -79,6 +79,9 @@ def create_app(router: Router) -> FastAPI:
                 await asyncio.sleep(1.0)
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(router.refresh_manifest, True)
+                if router.workers is not None:  # a policy another worker or the parent published
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(router.workers.follow, router)
 
         poller = asyncio.create_task(poll_manifests())
         syncer = asyncio.create_task(keep_in_sync(lambda: router.feedback))  # outcome feedback's shared store
@@ -288,7 +291,7 @@ def create_app(router: Router) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(router.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +239,10 @@ def build_classifier(
             data[f"{split}.labels"] = np.array([i for i, _ in pairs], np.int64)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file(data, str(cache))
+            # written beside it, then renamed: several workers may build at once and read each other's file
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            save_file(data, str(tmp))
+            os.replace(tmp, cache)
     clf = SkillClassifier(skills, data["train.emb"], data["train.labels"], method=method, k=k)
     held = "validation" if len(data["validation.labels"]) else "train"
     nll = clf.calibrate(data[f"{held}.emb"], data[f"{held}.labels"])

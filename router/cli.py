@@ -1,6 +1,6 @@
 """``cycleqd-router``: the OpenAI-compatible gateway in front of the served elites.
 
-cycleqd-router serve      [--policy routing.yaml] [--host 127.0.0.1] [--port 8000]
+cycleqd-router serve      [--policy routing.yaml] [--host 127.0.0.1] [--port 8000] [--workers 1]
 cycleqd-router classifier [--policy routing.yaml]     the classifier's held-out accuracy
 cycleqd-router demo       [--url http://127.0.0.1:8000/v1] [--per-skill 4]
                           held-out skill-world tasks through the router with the official openai client
@@ -41,13 +41,22 @@ def serve(
     manifest: Annotated[
         list[str] | None, typer.Option(help="serving manifest file or URL (repeatable); overrides the policy's")
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="worker processes on the one port (docs/workers.md); 1: this process")
+    ] = 1,
 ) -> None:
     """Run the gateway. SIGHUP or POST /admin/reload (admin key) reloads the policy file.
 
     The server answers at once; the skill classifier is built in the background (requests that name an elite, an
-    alias or the weights header are served meanwhile). The URL is printed once the server answers.
+    alias or the weights header are served meanwhile). The URL is printed once the server answers (with
+    ``--workers N``, once every worker does; a reload reaches every worker, see ``router.workers``).
     """
+    import os
     import sys
+
+    # prometheus-client picks its value store at import, from this variable: the parent of N workers serves nothing
+    # and must not write metric files of its own there (see router.workers.metrics_dir_for)
+    metrics_dir = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None) if workers > 1 else None
 
     import uvicorn
 
@@ -67,12 +76,31 @@ def serve(
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
+    def announce() -> None:
+        more = f", {workers} workers" if workers > 1 else ""
+        console.print(f"cycleqd-router on http://{host}:{port}/v1, manifest {', '.join(pol.manifests)}{more}")
+        sys.stdout.flush()
+
+    if workers > 1:
+        from router.workers import serve_workers
+
+        try:
+            ok = serve_workers(
+                router, workers=workers, host=host, port=port, log_level=log_level, announce=announce,
+                metrics_dir=metrics_dir,
+            )  # fmt: skip
+        except ConfigError as exc:
+            from rich.markup import escape
+
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(2) from None
+        raise typer.Exit(0 if ok else 1)
+
     class Announcing(uvicorn.Server):
         async def startup(self, sockets: list | None = None) -> None:
             await super().startup(sockets)
             if self.started:  # listening: a client may connect now
-                console.print(f"cycleqd-router on http://{host}:{port}/v1, manifest {', '.join(pol.manifests)}")
-                sys.stdout.flush()
+                announce()
 
     # keep-alive longer than a load balancer's idle timeout (60 s is common): else the router may close a connection
     # just as the balancer or a client sends the next request on it, which they see as a reset

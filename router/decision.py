@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -30,6 +30,9 @@ from router.policy import RoutingPolicy
 from router.protocol import APIError
 from router.selection import Breaker, normalise, parse_weights, rank, value
 from serve.manifest import EliteEntry, Health, ServingManifest
+
+if TYPE_CHECKING:
+    from router.workers import WorkerSync
 
 log = logging.getLogger("cycleqd.router")
 
@@ -68,8 +71,17 @@ def alias_problems(policy: RoutingPolicy, skills: list[str]) -> list[str]:
 class Router:
     """The router's state: policy, manifest, classifier, breakers, load. Swapped pieces are replaced whole."""
 
-    def __init__(self, policy: RoutingPolicy, *, policy_path: Path | None = None, classifier: Any = None) -> None:
+    def __init__(
+        self,
+        policy: RoutingPolicy,
+        *,
+        policy_path: Path | None = None,
+        classifier: Any = None,
+        workers: WorkerSync | None = None,
+    ) -> None:
         self.policy = policy
+        #: The other worker processes of this server (``cycleqd-router serve --workers N``), or None: alone.
+        self.workers = workers
         self.policy_path = policy_path
         self.metrics = Metrics()
         self.classifier = classifier  # (encoder, SkillClassifier) or None: built at start-up
@@ -81,7 +93,7 @@ class Router:
         self._manifest_checked = 0.0
         self.breakers: dict[str, Breaker] = {}
         self.inflight: Counter[str] = Counter()
-        self.limiter = TokenBucket(policy.rate_limit_per_minute) if policy.rate_limit_per_minute else None
+        self.limiter = self.make_limiter(policy)
         self.client: httpx.AsyncClient | None = None
         self.engine_key = engine_key()
         self.classifier_task: asyncio.Future[None] | None = None  # the background build at start-up
@@ -170,17 +182,33 @@ class Router:
             where = f"{self.policy_path}: " if self.policy_path else ""
             raise ConfigError(where + "; ".join(problems))
 
-    def reload_policy(self) -> RoutingPolicy:
-        """Re-read the policy file; on any error keep the current policy and raise ConfigError."""
+    def read_policy(self) -> tuple[RoutingPolicy, ManifestSet]:
+        """Read the policy file and check it against the manifests it names, changing nothing (ConfigError)."""
         if self.policy_path is None:
             raise ConfigError("the router was started without a policy file; there is nothing to reload")
         new = load_yaml_model(self.policy_path, RoutingPolicy)
+        return new, self._checked(new)
+
+    def _checked(self, new: RoutingPolicy) -> ManifestSet:
         manifests = self.manifests
         if new.manifests != self.policy.manifests:
             manifests = ManifestSet(new.manifests)
             manifests.refresh(urls=True)
         if manifests.merged is not None and (problems := alias_problems(new, manifests.merged.skills)):
-            raise ConfigError(f"{self.policy_path}: " + "; ".join(problems))
+            where = f"{self.policy_path}: " if self.policy_path else ""
+            raise ConfigError(where + "; ".join(problems))
+        return manifests
+
+    def reload_policy(self, new: RoutingPolicy | None = None) -> RoutingPolicy:
+        """Re-read the policy file; on any error keep the current policy and raise ConfigError.
+
+        With several workers (``router.workers``) a policy read from the file here is published to the others;
+        ``new`` is one another worker read and published, applied here without being published again."""
+        if new is None:
+            new, manifests = self.read_policy()
+            publish = self.workers is not None
+        else:
+            manifests, publish = self._checked(new), False
         key = engine_key()
         old = self.policy
         feedback = Feedback(new.feedback) if new.feedback != old.feedback else self.feedback
@@ -188,10 +216,19 @@ class Router:
         if feedback is not self.feedback:
             self.feedback, retired = feedback, self.feedback
             retired.close()
-        self.limiter = TokenBucket(new.rate_limit_per_minute) if new.rate_limit_per_minute else None
+        self.limiter = self.make_limiter(new)
         if new.classifier != old.classifier:
             self.build_classifier()
+        if publish and self.workers is not None:
+            self.workers.publish(new)
         return new
+
+    def make_limiter(self, policy: RoutingPolicy) -> TokenBucket | None:
+        """The per-key token buckets; with N workers each takes 1/N of the rate, so that together they allow
+        about the configured rate (exactly when the load spreads evenly over the workers; docs/workers.md)."""
+        if not policy.rate_limit_per_minute:
+            return None
+        return TokenBucket(policy.rate_limit_per_minute / (self.workers.count if self.workers else 1))
 
     def breaker(self, engine_id: str) -> Breaker:
         b = self.breakers.get(engine_id)

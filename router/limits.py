@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import time
 
-from prometheus_client import CollectorRegistry, Histogram, Summary
+from prometheus_client import CollectorRegistry, Histogram, Summary, generate_latest
 from prometheus_client import Counter as PCounter
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
+    """The router's metrics. Counters and histograms only: they need nothing more to work in prometheus-client's
+    multiprocess mode, where each worker writes its values to files under ``PROMETHEUS_MULTIPROC_DIR`` (chosen
+    when prometheus-client is imported, from that variable) and any worker's ``/metrics`` sums them all. A gauge
+    added here needs a ``multiprocess_mode`` (``livesum``, ``max``...) to mean something across workers."""
+
     def __init__(self) -> None:
+        #: Set when prometheus-client keeps its values in files (``cycleqd-router serve --workers N``).
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = PCounter(
@@ -41,10 +49,22 @@ class Metrics:
             "cycleqd_router_feedback_score", "Scores of accepted outcome feedback, per elite", ["elite"], registry=r
         )
 
+    def exposition(self) -> bytes:
+        """What ``/metrics`` serves: this router's registry, or with several workers the sum over all of them (and
+        over the workers that have exited: their counts stay in their files)."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return generate_latest(registry)
+
 
 class TokenBucket:
-    def __init__(self, per_minute: int) -> None:
-        self.rate, self.capacity = per_minute / 60.0, float(per_minute)
+    def __init__(self, per_minute: float) -> None:
+        # a burst of at least one request: a worker's share of a small limit (1/N of it) may be under one
+        self.rate, self.capacity = per_minute / 60.0, max(1.0, float(per_minute))
         self.buckets: dict[str, tuple[float, float]] = {}
 
     def take(self, key: str) -> bool:
