@@ -212,13 +212,15 @@ def build_classifier(
     method: Literal["centroid", "knn"] = "centroid",
     k: int = 10,
     cache_dir: Path | None = None,
+    in_child: bool = False,
 ) -> tuple[SkillClassifier | None, dict[str, float]]:
     """Embed each skill's train exemplars, calibrate temperature and out-of-domain threshold on its validation
     exemplars, measure accuracy on its test exemplars. ``exemplars`` maps skill -> {train, validation, test}
     prompt lists (the serving manifest's ``exemplars``); without any there is no classifier (None), and every
     request the classifier would weigh goes to the fallback.
 
-    The embeddings are cached (safetensors) under ``cache_dir``, keyed by the texts, so a restart is fast.
+    The embeddings are cached (safetensors) under ``cache_dir``, keyed by the texts, so a restart is fast. With
+    ``in_child`` they are computed in a child process (see ``embed_in_child``) rather than by ``encoder``.
     """
     skills = [s for s in exemplars if _texts(exemplars[s], "train")]
     if not skills:
@@ -233,9 +235,12 @@ def build_classifier(
     if cache is not None and cache.is_file():
         data = load_file(str(cache))
     else:
-        data = {}
+        texts = {split: [t for _, t in pairs] for split, pairs in texts_of.items()}
+        if in_child:
+            data = embed_in_child(texts)
+        else:
+            data = {f"{split}.emb": encoder.encode(ts) for split, ts in texts.items()}
         for split, pairs in texts_of.items():
-            data[f"{split}.emb"] = encoder.encode([t for _, t in pairs])
             data[f"{split}.labels"] = np.array([i for i, _ in pairs], np.int64)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -259,3 +264,49 @@ def build_classifier(
         report["test_accuracy"] = clf.accuracy(data["test.emb"], data["test.labels"])
         report["test_in_domain"] = float(clf.in_domain(data["test.emb"]).mean())
     return clf, report
+
+
+def embed_in_child(texts: dict[str, list[str]], nice: int = 10) -> dict[str, np.ndarray]:
+    """``{split}.emb`` for each list of texts, computed by ``python -m router.classifier`` at a lower priority.
+
+    A router builds its classifier while it serves (issue 11: a new replica answers at once). Computed on a thread
+    of the router, the embeddings took the GIL from the event loop: a pinned request that takes milliseconds took
+    ~330 ms (p50) for the whole build, minutes on a busy 2-core machine. In a child process the event loop keeps
+    its GIL, and the niced child gets the CPU the router leaves. The child dies with its parent (a router stopped
+    mid-build leaves no orphan computing embeddings)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cycleqd-embed-") as tmp:
+        src, out = Path(tmp) / "texts.json", Path(tmp) / "emb.safetensors"
+        src.write_text(json.dumps(texts))
+        cmd = [sys.executable, "-m", "router.classifier", str(src), str(out), str(nice), str(os.getpid())]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"embedding the exemplars failed ({done.returncode}): {done.stderr[-2000:]}")
+        return {f"{split}.emb": emb for split, emb in load_file(str(out)).items()}
+
+
+def _child_main(src: str, out: str, nice: int, parent: int) -> None:
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the router
+    except (OSError, AttributeError):  # not Linux: the child just finishes its (bounded) work
+        pass
+    if os.getppid() != parent:  # the router was gone before prctl
+        return
+    os.nice(nice)
+    texts = json.loads(Path(src).read_text())
+    encoder = MiniLM()
+    save_file({split: encoder.encode(ts) for split, ts in texts.items()}, out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _child_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

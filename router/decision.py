@@ -121,7 +121,7 @@ class Router:
         encoder = self.classifier[0] if isinstance(self.classifier, tuple) else MiniLM()
         clf, report = build_classifier(
             encoder, exemplars, exemplars_per_skill=c.exemplars_per_skill, method=c.method, k=c.k,
-            cache_dir=self.policy.cache_dir,
+            cache_dir=self.policy.cache_dir, in_child=True,  # off the event loop's GIL
         )  # fmt: skip
         self.classifier, self.classifier_report = (encoder, clf), report
         self.classifier_built = True

@@ -1,8 +1,9 @@
 """The relay to the engines: send the request to the ranked elites in turn, and relay the answer.
 
 Retries go to the next elite only on a connect error, a connection closed before the response, or a 5xx, and only
-before the first byte reached the client; once streaming has begun, an upstream failure ends the stream with an
-OpenAI-style error event. Each attempt is recorded in the engine's circuit breaker and in the metrics.
+before the first byte reached the client; a connection-level failure of the last candidate retries that candidate.
+Once streaming has begun, an upstream failure ends the stream with an OpenAI-style error event. Each attempt is
+recorded in the engine's circuit breaker and in the metrics.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ async def forward(
     sent = {"content-type": "application/json", **(trace or {})}
     if router.engine_key:
         sent["authorization"] = f"Bearer {router.engine_key}"
-    for attempt, elite in enumerate(candidates[: pol.max_attempts]):
+    queue = list(candidates)
+    for attempt in range(pol.max_attempts):
+        if not queue:
+            break
+        elite = queue.pop(0)
         engine = elite.engine_id
         if not router.breaker(engine).acquire():  # half-open, and another request holds the one trial
             last_error = f"{engine}: circuit open"
@@ -71,6 +76,11 @@ async def forward(
             router.breaker(engine).record(False)
             router.metrics.upstream_errors.labels(engine, type(exc).__name__).inc()
             last_error = f"{engine}: {type(exc).__name__}"
+            if not queue:
+                # the last candidate: try it again. A reused keep-alive connection the engine had just closed, or
+                # an engine too busy to accept within connect_s, is often fine on the next try, and with the
+                # other replica dead (the chaos test) there is no other engine to go to
+                queue.append(elite)
             continue  # nothing reached the client yet: safe to try the next elite
         except httpx.TimeoutException as exc:
             router.inflight[engine] -= 1

@@ -57,6 +57,12 @@ class ServeConfig(BaseModel):
         description="lora: one engine per device, elites as adapters; full: one engine per elite; auto: full "
         "while every elite's engine fits the devices' memory, lora beyond that (`cycleqd-serve plan` says why)",
     )
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="engines serving each planned set of elites (each its own process and port); the router spreads "
+        "requests over them and, when one dies, retries on another while the supervisor restarts it",
+    )
     lora_rank: int = Field(32, ge=1, description="singular directions kept per expert; adapter rank = K x this")
     max_loras: int = Field(8, ge=1, description="adapters an engine can hold in one batch (vLLM --max-loras)")
     devices: list[Device] = Field(default_factory=list, description="default: every visible GPU, else the CPU")

@@ -126,23 +126,37 @@ def _plan(cfg: ServeConfig, mode: str, elite_ids: list[str], size: ModelSize, ma
                 continue
             slots = cfg.max_loras * max_lora_rank * size.lora_slot_bytes_per_rank
             need = fixed + (slots + max(len(group), cfg.max_loras) * size.adapter_bytes) / GIB
-            if need > usable[dev.name]:
-                raise PlanError(
-                    f"one multi-LoRA engine needs {need:.2f} GiB but {dev.name} has {usable[dev.name]:.2f} GiB usable "
-                    f"({cfg.memory_utilization:.0%} of it); lower max_loras or lora_rank, or add a device"
+            if need * cfg.replicas > usable[dev.name]:
+                what = (
+                    "one multi-LoRA engine needs" if cfg.replicas == 1 else f"{cfg.replicas} multi-LoRA replicas need"
                 )
-            engines.append(EnginePlan(f"engine-{d}", dev, cfg.port + len(engines), "lora", group, need, max_lora_rank))
+                raise PlanError(
+                    f"{what} {need * cfg.replicas:.2f} GiB but {dev.name} has {usable[dev.name]:.2f} GiB usable "
+                    f"({cfg.memory_utilization:.0%} of it); lower max_loras, lora_rank or replicas, or add a device"
+                )
+            for r in range(cfg.replicas):
+                eid = _replica_id(f"engine-{d}", r)
+                engines.append(EnginePlan(eid, dev, cfg.port + len(engines), "lora", list(group), need, max_lora_rank))
         return Plan(engines, usable, "lora")
     free = dict(usable)
-    for eid in elite_ids:
-        dev = next((d for d in devices if free[d.name] >= fixed), None)
-        if dev is None:
-            fit = sum(int(u // fixed) for u in usable.values())
-            have = ", ".join(f"{k}: {v:.1f} GiB usable" for k, v in usable.items())
-            raise PlanError(
-                f"{len(elite_ids)} full-weight engines of {fixed:.2f} GiB each do not fit ({have}); at most {fit} "
-                f"fit: select at most {fit} elites, or use mode: lora to serve them all as adapters on one engine"
+    for i, eid in enumerate(elite_ids):
+        for r in range(cfg.replicas):
+            dev = next((d for d in devices if free[d.name] >= fixed), None)
+            if dev is None:
+                fit = sum(int(u // fixed) for u in usable.values())
+                have = ", ".join(f"{k}: {v:.1f} GiB usable" for k, v in usable.items())
+                n = len(elite_ids) * cfg.replicas
+                raise PlanError(
+                    f"{n} full-weight engines of {fixed:.2f} GiB each do not fit ({have}); at most {fit} fit: "
+                    f"select fewer elites or replicas, or use mode: lora to serve them all as adapters on one engine"
+                )
+            free[dev.name] -= fixed
+            engines.append(
+                EnginePlan(_replica_id(f"engine-{i}", r), dev, cfg.port + len(engines), "full", [eid], fixed)
             )
-        free[dev.name] -= fixed
-        engines.append(EnginePlan(f"engine-{len(engines)}", dev, cfg.port + len(engines), "full", [eid], fixed))
     return Plan(engines, usable, "full")
+
+
+def _replica_id(engine_id: str, replica: int) -> str:
+    """The first replica keeps the plain id (so ``replicas: 1`` plans are unchanged); the others are ``-r1``..."""
+    return engine_id if replica == 0 else f"{engine_id}-r{replica}"

@@ -390,6 +390,7 @@ class Supervisor:
 
     def _check_can_add(self, elite_id: str) -> list[Engine]:
         """The ready multi-LoRA engines, when ``elite_id`` can be added (call with the lock held)."""
+        self._check_single_replica("adding")
         if any(el.id == elite_id for el in self.manifest.elites) or elite_id in self.adding:
             raise ServeError(f"elite {elite_id!r} is already served or being added")
         lora = [e for e in self.engines.values() if e.plan.mode == "lora" and e.health == Health.READY]
@@ -397,8 +398,17 @@ class Supervisor:
             raise ServeError("adding an elite at run time needs mode: lora and a ready engine")
         return lora
 
+    def _check_single_replica(self, what: str) -> None:
+        """Run-time changes act on one engine; with replicas the others would silently serve a different set."""
+        if self.cfg.replicas > 1:
+            raise ServeError(
+                f"{what} an elite at run time is not supported with replicas: {self.cfg.replicas} (only one replica "
+                "would change); change the selection and restart"
+            )
+
     def remove_elite(self, elite_id: str) -> None:
         with self.lock:
+            self._check_single_replica("removing")
             entry = next((el for el in self.manifest.elites if el.id == elite_id), None)
             if entry is None:
                 raise ServeError(f"elite {elite_id!r} is not served")

@@ -369,3 +369,18 @@ def test_a_stream_that_stalls_ends_with_an_error_event_after_the_idle_timeout(st
             got.append(ch.choices[0].delta.content)
     assert got == ["tok0 "] and time.perf_counter() - t0 < 3.0
     assert 'kind="midstream_timeout"' in httpx.get(f"{r.url}/metrics").text
+
+
+def test_the_last_candidate_is_tried_again_after_a_connection_failure_but_not_after_a_5xx(start_router, upstreams):
+    """A pinned elite on one healthy engine (its replica down, as in the chaos test): a connection the engine closed
+    without answering is retried on it, up to max_attempts; a 5xx is the engine's answer and is not repeated."""
+    r = start_router(breaker={"failures": 10, "reset_s": 60})
+    c = client(r)
+    _set_mode(upstreams, querier="close")
+    with pytest.raises(openai.APIStatusError) as exc:
+        chat(c, SQL, model="querier")
+    assert exc.value.status_code == 502 and len(upstreams["querier"].received) == 3  # max_attempts
+    _set_mode(upstreams, querier="error")
+    with pytest.raises(openai.APIStatusError):
+        chat(c, SQL, model="querier")
+    assert len(upstreams["querier"].received) == 4

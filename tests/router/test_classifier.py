@@ -121,3 +121,19 @@ def test_the_router_never_imports_torch_or_vllm():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_embeddings_computed_in_a_child_process_equal_the_in_process_ones(classifier, tmp_path):
+    """The router embeds its exemplars in a child process (off the event loop's GIL); same numbers, same model."""
+    encoder = classifier[0]
+    exemplars = {
+        "db": {"train": ["SELECT name FROM users", "count the rows of orders"], "validation": ["list every table"]},
+        "os": {"train": ["list the files in /tmp", "kill process 42"], "validation": ["show disk usage"]},
+    }
+    here, _ = build_classifier(encoder, exemplars, cache_dir=tmp_path / "here")
+    child, _ = build_classifier(encoder, exemplars, cache_dir=tmp_path / "child", in_child=True)
+    assert here is not None and child is not None
+    np.testing.assert_allclose(child.exemplars, here.exemplars, atol=1e-5)
+    assert child.temperature == pytest.approx(here.temperature) and child.threshold == pytest.approx(here.threshold)
+    (cached,) = (tmp_path / "child").iterdir()  # written like the in-process embeddings: a restart reads them
+    assert cached.name.startswith("exemplars-")

@@ -1,7 +1,11 @@
 """Schemathesis over the router's OpenAPI schema: at least 1,000 generated requests, valid and invalid, never get a
-5xx (other than an upstream's 502/503/504) or crash the router, and every error is in the OpenAI error format."""
+5xx or crash the router, and every error is in the OpenAI error format. (Measured: 1,000 requests, 818 answered 400
+and 182 404 — the generated model names are not served ones, so the fuzz exercises validation and errors, not the
+relay; the relay has its own tests.)"""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import httpx
 import pytest
@@ -19,6 +23,7 @@ def test_generated_requests_never_cause_a_server_error(start_router):
     schema = schemathesis.openapi.from_url(f"{r.url}/openapi.json")
     calls = 0
     checked = 0
+    statuses: Counter[int] = Counter()
     for result in schema.get_all_operations():
         op = result.ok()
         if op.method.upper() != "POST" or not op.path.startswith("/v1/"):
@@ -31,10 +36,9 @@ def test_generated_requests_never_cause_a_server_error(start_router):
                 nonlocal calls
                 response = case.call(base_url=r.url)
                 calls += 1
-                assert response.status_code < 500 or response.status_code in (502, 503, 504), (
-                    response.status_code,
-                    response.text,
-                )
+                statuses[response.status_code] += 1
+                # the upstreams are healthy fakes: any 5xx, 502-504 included, is the router's fault
+                assert response.status_code < 500, (response.status_code, response.text)
                 headers = {k.lower(): v[0] if isinstance(v, list) else v for k, v in response.headers.items()}
                 if response.status_code >= 400:
                     assert headers["content-type"].startswith("application/json"), response.text
@@ -47,4 +51,5 @@ def test_generated_requests_never_cause_a_server_error(start_router):
             checked += 1
     assert checked == 4  # chat and completions, valid and invalid
     assert calls >= 1000, calls
+    print(f"{calls} generated requests, by status: {dict(sorted(statuses.items()))}")
     assert httpx.get(f"{r.url}/health").status_code == 200  # still up

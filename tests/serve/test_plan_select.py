@@ -93,6 +93,34 @@ def test_lora_mode_runs_one_engine_per_device_and_refuses_what_does_not_fit():
         make_plan(small, ["a"], SIZE, max_lora_rank=16)
 
 
+def test_replicas_plan_several_engines_per_elite_set_and_count_their_memory():
+    cfg = ServeConfig(
+        mode="full",
+        replicas=2,
+        devices=[Device(kind="cuda", index=0, memory_gib=10), Device(kind="cuda", index=1, memory_gib=10)],
+        memory_utilization=1.0,
+        engine_overhead_gib=1,
+        kv_cache_gib=2,
+    )  # 4 GiB an engine: two per GPU
+    plan = make_plan(cfg, ["a", "b"], SIZE, max_lora_rank=None)
+    assert [(e.id, e.elites, e.port) for e in plan.engines] == [
+        ("engine-0", ["a"], 8100), ("engine-0-r1", ["a"], 8101), ("engine-1", ["b"], 8102),
+        ("engine-1-r1", ["b"], 8103),
+    ]  # fmt: skip
+    with pytest.raises(PlanError, match=r"6 full-weight engines .* at most 4 fit"):
+        make_plan(cfg, list("abc"), SIZE, max_lora_rank=None)
+    lora = ServeConfig(replicas=3, devices=[Device(memory_gib=10)], memory_utilization=1.0, engine_overhead_gib=1)
+    plan = make_plan(lora, ["a", "b"], SIZE, max_lora_rank=16)
+    assert [(e.id, e.elites) for e in plan.engines] == [
+        ("engine-0", ["a", "b"]), ("engine-0-r1", ["a", "b"]), ("engine-0-r2", ["a", "b"])
+    ]  # fmt: skip
+    assert plan.engines[0].elites is not plan.engines[1].elites  # add_elite appends to one engine's list
+    with pytest.raises(PlanError, match=r"4 multi-LoRA replicas need 12.00 GiB but cpu has 10.00"):
+        make_plan(lora.model_copy(update={"replicas": 4}), ["a"], SIZE, max_lora_rank=16)
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        ServeConfig(replicas=0)
+
+
 def test_auto_mode_takes_full_weights_while_they_fit_and_lora_beyond():
     cfg = ServeConfig(
         mode="auto",

@@ -205,3 +205,13 @@ def test_adapters_outside_the_output_directory_are_never_loaded(tmp_path, fake_e
     with pytest.raises(ServeError, match="outside the serve output directory"):
         cfg = ServeConfig(out=tmp_path / "serve")
         Supervisor(cfg, [Engine(_plan(port), tmp_path / "base", {"g2": outside})], ServingManifest(run="x", skills=[]))
+
+
+def test_run_time_changes_are_refused_with_replicas(tmp_path):
+    """With replicas, adding or removing an elite on one engine would leave the others serving another set."""
+    cfg = ServeConfig(out=tmp_path, replicas=2)
+    sup = Supervisor(cfg, [], ServingManifest(run="r", skills=["code"]), materialise_one=lambda _id: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ServeError, match="adding an elite at run time is not supported with replicas: 2"):
+        sup.add_elite("g1")
+    with pytest.raises(ServeError, match="removing an elite at run time is not supported with replicas: 2"):
+        sup.remove_elite("g1")
