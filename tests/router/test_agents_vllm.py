@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import signal
+from itertools import groupby
 
 import openai
 import pytest
@@ -57,7 +58,10 @@ def test_responses_and_tool_chats_through_the_router_equal_the_engine(tmp_path, 
             direct_events = list(
                 direct.responses.create(model=elite.served_model_name, stream=True, store=False, **args)
             )
-            assert [e.type for e in events] == [e.type for e in direct_events]
+            # the same events, up to how many deltas: vLLM merges the tokens of steps its reader has not yet taken
+            assert [k for k, _ in groupby(e.type for e in events)] == [
+                k for k, _ in groupby(e.type for e in direct_events)
+            ]
             assert events[0].type == "response.created" and events[-1].type.startswith("response.")
             deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
             assert deltas == _text(want) == _text(events[-1].response)
