@@ -34,6 +34,7 @@ from router.protocol import (
     CHAT_SCHEMA,
     COMPLETION_SCHEMA,
     ERROR_RESPONSES,
+    RESPONSES_SCHEMA,
     APIError,
     body_doc,
     error_response,
@@ -204,7 +205,7 @@ def create_app(router: Router) -> FastAPI:
                     raise APIError(413, f"request body exceeds {limit} bytes", "request_too_large")
             body = validate_body(parse_json(raw), kind)
             router.refresh_manifest()
-            text = request_text(body)
+            text = request_text(body, kind)
             if router.needs_classifier(body, request.headers):
                 await router.wait_classifier()
                 # the classifier is a few ms of numpy: off the event loop, so other requests keep flowing
@@ -238,6 +239,12 @@ def create_app(router: Router) -> FastAPI:
     @app.post("/v1/completions", openapi_extra=body_doc(COMPLETION_SCHEMA), responses=ERROR_RESPONSES)
     async def completions(request: Request) -> Response:
         return await proxy(request, "completions", "/v1/completions")
+
+    @app.post("/v1/responses", openapi_extra=body_doc(RESPONSES_SCHEMA), responses=ERROR_RESPONSES)
+    async def responses(request: Request) -> Response:
+        """OpenAI's Responses API, stateless (see ``docs/agents.md``): routed like a chat, relayed to the engine's own
+        ``/v1/responses``."""
+        return await proxy(request, "responses", "/v1/responses")
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def models() -> dict[str, Any]:

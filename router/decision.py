@@ -27,7 +27,7 @@ from router.feedback import Feedback
 from router.limits import Metrics, TokenBucket
 from router.manifests import ManifestSet
 from router.policy import RoutingPolicy
-from router.protocol import APIError
+from router.protocol import APIError, content_text, input_messages
 from router.selection import Breaker, normalise, parse_weights, rank, value
 from serve.manifest import EliteEntry, Health, ServingManifest
 
@@ -317,8 +317,16 @@ def conversation_key(body: dict[str, Any]) -> str | None:
     """The episode a chat belongs to, from what its first turn already has: every message up to and including the
     first user message (the system prompt and the task). Later turns only append (assistant replies, tool calls and
     results, more user messages), so turn 1 and every later turn hash alike and land on the same elite, on every
-    replica. A chat with no user message, and a plain completion, have no key (they go by load)."""
-    msgs = body.get("messages")
+    replica. A chat with no user message, and a plain completion, have no key (they go by load).
+
+    A Responses request is keyed the same way over its instructions (as a system message) and its input messages,
+    so every turn of a Responses tool loop stays on one elite too. There a message's content may be a string on one
+    turn and ``[{"type": "input_text", ...}]`` on the next (clients rebuild the input), so text-only content is keyed
+    by its text; a string ``input`` is the user message it stands for."""
+    if "input" in body and "messages" not in body:
+        msgs: Any = [{"role": m["role"], "content": _plain(m["content"])} for m in input_messages(body)]
+    else:
+        msgs = body.get("messages")
     if not isinstance(msgs, list):
         return None
     for i, msg in enumerate(msgs):
@@ -326,3 +334,10 @@ def conversation_key(body: dict[str, Any]) -> str | None:
             head = [[m.get("role"), m.get("content")] for m in msgs[: i + 1] if isinstance(m, dict)]
             return hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode()).hexdigest()
     return None
+
+
+def _plain(content: Any) -> Any:
+    """Text-only content as its text (parts joined as ``content_text`` joins them); anything else as it is."""
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+        return content_text(content)
+    return content

@@ -105,10 +105,23 @@ LOGPROBS = {
     "chat": (lambda v: v is None or isinstance(v, bool), "a boolean"),
     "completions": (lambda v: v is None or (_is_int(v) and 0 <= v <= 20), "an integer from 0 to 20"),
 }
+#: The Responses API's own names for what chat calls ``max_tokens`` and friends (``SAMPLING`` applies as well).
+RESPONSES_SAMPLING: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_output_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
+    "instructions": (lambda v: v is None or isinstance(v, str), "a string"),
+    "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool), "a boolean"),
+    "tools": (
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(t, dict) for t in v)),
+        "an array of objects",
+    ),
+}
 
 
 def validate_sampling(body: dict[str, Any], kind: str) -> None:
-    for name, (ok, what) in (*SAMPLING.items(), ("logprobs", LOGPROBS[kind])):
+    checks = (*SAMPLING.items(), *RESPONSES_SAMPLING.items()) if kind == "responses" else (
+        *SAMPLING.items(), ("logprobs", LOGPROBS[kind]),
+    )  # fmt: skip
+    for name, (ok, what) in checks:
         if name in body and not ok(body[name]):
             raise APIError(400, f"'{name}' must be {what}, got {json.dumps(body[name])[:80]}", "invalid_value", name)
 
@@ -120,7 +133,9 @@ def validate_body(body: Any, kind: str) -> dict[str, Any]:
         raise APIError(400, "'model' is required and must be a non-empty string", "invalid_type", "model")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise APIError(400, "'stream' must be a boolean", "invalid_type", "stream")
-    if kind == "chat":
+    if kind == "responses":
+        validate_responses(body)
+    elif kind == "chat":
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise APIError(400, "'messages' is required and must be a non-empty array", "invalid_type", "messages")
@@ -151,8 +166,116 @@ def validate_body(body: Any, kind: str) -> dict[str, Any]:
     return body
 
 
-def request_text(body: dict[str, Any]) -> str:
-    """The text the classifier reads: the conversation's first user message (stable over an episode's turns)."""
+#: Fields of a Responses request that need state the router does not keep: name -> (refused when, why and what to
+#: send instead). The router is stateless (replicas share nothing, an engine restart loses its memory), so a
+#: conversation travels whole in every request, as chat does.
+STATELESS = "this router is stateless and stores no responses"
+RESPONSES_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "previous_response_id": (
+        lambda v: v is not None,
+        f"'previous_response_id' is not supported: {STATELESS}; send the full conversation as 'input' instead "
+        "(the earlier input items, then each response's output items and your function_call_output items)",
+    ),
+    "conversation": (
+        lambda v: v is not None,
+        f"'conversation' is not supported: {STATELESS}; send the full conversation as 'input' instead",
+    ),
+    "store": (
+        lambda v: v is True,
+        f"'store': true is not supported: {STATELESS}; omit 'store' or set it to false, and send the full "
+        "conversation as 'input' on every turn",
+    ),
+    "background": (
+        lambda v: v is True,
+        "'background': true is not supported: responses are answered in the foreground only (they cannot be "
+        "polled later); omit it or set it to false, and set 'stream': true for long answers",
+    ),
+    "prompt": (
+        lambda v: v is not None,
+        "'prompt' (a stored prompt template) is not supported: the router has no stored prompts; send "
+        "'instructions' and 'input' instead",
+    ),
+}
+#: Input item types that point at stored state: refused like ``previous_response_id``.
+STATEFUL_ITEMS = {"item_reference"}
+_TEXT_PARTS = {"input_text", "output_text", "text", "refusal", "summary_text", "reasoning_text"}
+
+
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, message, "invalid_value", param)
+
+
+def validate_responses(body: dict[str, Any]) -> None:
+    """A Responses API request the router can route statelessly: refused fields first, then the shape of ``input``.
+
+    Items are checked only as far as routing and the episode key read them (a message's role and content, a
+    function call's ids); every other field, and item types the router does not know, reach the engine unchanged.
+    """
+    for name, (refused, why) in RESPONSES_REFUSED.items():
+        if refused(body.get(name)):
+            raise APIError(400, why, "unsupported_parameter", name)
+    inp = body.get("input")
+    if isinstance(inp, str):
+        return
+    if not isinstance(inp, list) or not inp:
+        raise _bad("input", "'input' is required: a string, or a non-empty array of input items")
+    for i, item in enumerate(inp):
+        at = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(at, f"{at} must be an object (an input item), got {json.dumps(item)[:60]}")
+        kind = item.get("type", "message")
+        if not isinstance(kind, str):
+            raise _bad(f"{at}.type", f"{at}.type must be a string")
+        if kind in STATEFUL_ITEMS:
+            raise APIError(
+                400, f"{at}: '{kind}' items are not supported: {STATELESS}; send the referenced item itself",
+                "unsupported_parameter", at,
+            )  # fmt: skip
+        if kind == "message":
+            if not isinstance(item.get("role"), str):
+                raise _bad(f"{at}.role", f"{at} is a message: 'role' must be a string (user, assistant, system ...)")
+            content = item.get("content")
+            if not isinstance(content, str | list):
+                raise _bad(f"{at}.content", f"{at}.content must be a string or an array of content parts")
+            for j, part in enumerate(content if isinstance(content, list) else []):
+                where = f"{at}.content[{j}]"
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise _bad(where, f"{where} must be an object with a string 'type' (e.g. input_text)")
+                if part["type"] in _TEXT_PARTS and not isinstance(part.get("text"), str):
+                    raise _bad(f"{where}.text", f"{where} is a {part['type']} part: 'text' must be a string")
+        elif kind == "function_call":
+            for f in ("call_id", "name", "arguments"):
+                if not isinstance(item.get(f), str):
+                    raise _bad(f"{at}.{f}", f"{at} is a function_call: '{f}' must be a string")
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise _bad(f"{at}.call_id", f"{at} is a function_call_output: 'call_id' must be a string")
+            if not isinstance(item.get("output"), str | list):
+                raise _bad(f"{at}.output", f"{at} is a function_call_output: 'output' must be a string or an array")
+
+
+def input_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Responses request's conversation as chat-like messages (instructions first, as a system message); items
+    that are not messages (function calls, their outputs, reasoning) are left out."""
+    out: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        out.append({"role": "system", "content": body["instructions"]})
+    inp = body.get("input")
+    if isinstance(inp, str):
+        return [*out, {"role": "user", "content": inp}]
+    for item in inp if isinstance(inp, list) else []:
+        if isinstance(item, dict) and item.get("type", "message") == "message":
+            out.append({"role": item.get("role"), "content": item.get("content")})
+    return out
+
+
+def request_text(body: dict[str, Any], kind: str | None = None) -> str:
+    """The text the classifier reads: the conversation's first user message (stable over an episode's turns); for a
+    Responses request with no user message, its instructions."""
+    if kind == "responses":
+        msgs = input_messages(body)
+        first = next((m for m in msgs if m["role"] == "user"), msgs[0] if msgs else None)
+        return content_text(first["content"]) if first else ""
     if "messages" in body:
         for msg in body["messages"]:
             if msg.get("role") == "user":
@@ -206,6 +329,34 @@ COMPLETION_SCHEMA = {
         **_SAMPLING_SCHEMA,
     },
     "required": ["model", "prompt"],
+}
+INPUT_MESSAGE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "enum": ["message"]},
+        "role": {"type": "string", "enum": ["user", "assistant", "system", "developer"]},
+        "content": {"type": "string"},
+    },
+    "required": ["role", "content"],
+}
+RESPONSES_SCHEMA = {
+    "type": "object",
+    "description": "OpenAI's Responses API, stateless: previous_response_id, conversation, store: true, "
+    "background: true and prompt are refused (400); send the whole conversation as input. Function tools, "
+    "function_call and function_call_output items pass through to the engine unchanged.",
+    "properties": {
+        "model": {"type": "string"},
+        "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": INPUT_MESSAGE_SCHEMA, "minItems": 1}]},
+        "instructions": {"type": "string"},
+        "stream": {"type": "boolean"},
+        "store": {"type": "boolean", "enum": [False]},
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+        "temperature": _SAMPLING_SCHEMA["temperature"],
+        "top_p": _SAMPLING_SCHEMA["top_p"],
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "parallel_tool_calls": {"type": "boolean"},
+    },
+    "required": ["model", "input"],
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     str(s): {"description": ERROR_TYPES[s]} for s in (400, 401, 404, 413, 429, 500, 502, 503, 504)

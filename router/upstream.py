@@ -2,8 +2,9 @@
 
 Retries go to the next elite only on a connect error, a connection closed before the response, or a 5xx, and only
 before the first byte reached the client; a connection-level failure of the last candidate retries that candidate.
-Once streaming has begun, an upstream failure ends the stream with an OpenAI-style error event. Each attempt is
-recorded in the engine's circuit breaker and in the metrics.
+Once streaming has begun, an upstream failure ends the stream with an OpenAI-style error event (for the Responses
+API, an ``event: error`` event in its own event sequence). Each attempt is recorded in the engine's circuit breaker
+and in the metrics.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ async def forward(
     """Try the candidates in order (at most ``max_attempts``); ``trace`` (request id, traceparent) goes upstream."""
     assert router.client is not None
     stream = bool(body.get("stream"))
+    responses = route == "/v1/responses"
     pol = router.policy
     last_error = "no upstream tried"
     sent = {"content-type": "application/json", **(trace or {})}
@@ -60,7 +62,10 @@ async def forward(
             last_error = f"{engine}: circuit open"
             continue
         url = elite.endpoint.rstrip("/") + route.removeprefix("/v1")
-        payload = json.dumps({**body, "model": elite.served_model_name}).encode()
+        sent_body = {**body, "model": elite.served_model_name}
+        if responses:  # stateless: the engine keeps nothing either (vLLM would otherwise store when told to)
+            sent_body["store"] = False
+        payload = json.dumps(sent_body).encode()
         headers = {
             "x-cycleqd-elite": elite.id,
             "x-cycleqd-skill-weights": ",".join(f"{k}={v:.3f}" for k, v in weights.items()),
@@ -111,7 +116,9 @@ async def forward(
         router.metrics.decisions.labels(elite.id, dominant, reason.split(":")[0]).inc()
         ctype = resp.headers.get("content-type", "application/json")
         if stream and resp.status_code == 200:
-            relayed = relay(router, resp, engine, pol.timeouts.idle_s, events="event-stream" in ctype)
+            relayed = relay(
+                router, resp, engine, pol.timeouts.idle_s, events="event-stream" in ctype, responses=responses
+            )
             return StreamingResponse(relayed, status_code=200, media_type=ctype, headers=headers)
         try:
             content = await asyncio.wait_for(resp.aread(), pol.timeouts.first_byte_s)
@@ -127,9 +134,11 @@ async def forward(
 
 
 async def relay(
-    router: Router, resp: httpx.Response, engine: str, idle_s: float, *, events: bool = True
+    router: Router, resp: httpx.Response, engine: str, idle_s: float, *, events: bool = True, responses: bool = False
 ) -> AsyncIterator[bytes]:
-    """The upstream's stream, chunk by chunk; a break or a stall ends it with an error event and ``[DONE]``.
+    """The upstream's stream, chunk by chunk; a break or a stall ends it with an error event and ``[DONE]`` (with
+    ``responses``: the Responses API's ``event: error``, numbered after the last event relayed, and no ``[DONE]``,
+    which that API does not send).
 
     With ``events`` (server-sent events), only whole events are relayed: the bytes after the last blank line wait for
     the rest of their event. So when the upstream breaks off mid-event, the client has seen only complete events,
@@ -137,6 +146,7 @@ async def relay(
     """
     loop = asyncio.get_running_loop()
     pending = b""  # the start of an event whose end has not arrived yet
+    relayed = 0  # whole events relayed: the Responses API numbers its events from 0, so the next is this one
     try:
         # one timer for the whole stream, re-armed per chunk (cheaper than a wait_for per chunk), and disarmed
         # while the client consumes a chunk
@@ -153,6 +163,8 @@ async def relay(
                     chunk, pending = _whole_events(pending + chunk)
                     if not chunk:
                         continue
+                    if responses:
+                        relayed += chunk.count(b"\n\n") + chunk.count(b"\r\n\r\n")
                 yield chunk
         if pending:
             yield pending  # the stream ended normally without a final blank line: nothing is held back
@@ -160,12 +172,24 @@ async def relay(
         kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
         router.metrics.upstream_errors.labels(engine, f"midstream_{kind}").inc()
         router.breaker(engine).record(False)
-        err = error_body(502, f"the upstream stream broke off ({kind}); the answer is incomplete")
-        yield f"data: {json.dumps(err)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
+        err = error_body(502, f"the upstream stream broke off ({kind}); the answer is incomplete", "upstream_error")
+        if responses:
+            yield responses_error_event(err, relayed)
+        else:
+            yield f"data: {json.dumps(err)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
     finally:
         await resp.aclose()
         router.inflight[engine] -= 1
+
+
+def responses_error_event(err: dict[str, Any], sequence_number: int) -> bytes:
+    """The Responses API's error event (``type``, ``code``, ``message``, ``param``, ``sequence_number``), with the
+    OpenAI error object as well: the official clients raise an ``APIError`` from a streamed ``error`` field."""
+    e = err["error"]
+    data = {"type": "error", "code": e["code"], "message": e["message"], "param": e["param"],
+            "sequence_number": sequence_number, **err}  # fmt: skip
+    return f"event: error\ndata: {json.dumps(data)}\n\n".encode()
 
 
 def _whole_events(data: bytes) -> tuple[bytes, bytes]:

@@ -46,6 +46,45 @@ class Restart(BaseModel):
     backoff_max_s: float = Field(30.0, ge=0)
 
 
+class ToolCalling(BaseModel):
+    """How engines parse tool calls out of the model's text (vLLM ``--enable-auto-tool-choice --tool-call-parser``).
+
+    Without it an engine refuses chat and Responses requests whose ``tool_choice`` is ``auto`` (the default when
+    ``tools`` are sent, as agent frameworks do), so agents need it on. The parser is the model family's tool-call
+    format (``hermes``, ``llama3_json``, ``mistral``, ``pythonic`` ...; see ``vllm serve --help``): the router
+    relays whatever the engine makes of it, so a wrong parser shows up as tool calls arriving as plain text.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enable_auto_tool_choice: bool = Field(False, description="let the model decide to call tools (tool_choice auto)")
+    tool_call_parser: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="vLLM's tool-call parser for the model family, e.g. hermes"
+    )
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template (file path or template text) that renders tools, if the model's own "
+        "does not",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check(self) -> ToolCalling:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError(
+                "tool_calling.tool_call_parser is required when enable_auto_tool_choice is true (vLLM refuses "
+                "--enable-auto-tool-choice without one); name the model family's parser, e.g. hermes or llama3_json"
+            )
+        return self
+
+    def engine_args(self) -> list[str]:
+        """The vLLM command-line flags for these settings."""
+        args = ["--enable-auto-tool-choice"] if self.enable_auto_tool_choice else []
+        if self.tool_call_parser:
+            args += ["--tool-call-parser", self.tool_call_parser]
+        if self.chat_template:
+            args += ["--chat-template", self.chat_template]
+        return args
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -89,6 +128,9 @@ class ServeConfig(BaseModel):
     restart: Restart = Field(default_factory=Restart)
     measure_truncation: bool = Field(
         True, description="score each LoRA adapter's weights on validation and record the change (served_scores)"
+    )
+    tool_calling: ToolCalling = Field(
+        default_factory=ToolCalling, description="tool-call parsing of every engine (agents need it on)"
     )
     extra_engine_args: list[str] = Field(default_factory=list, description="appended to every vLLM command line")
 

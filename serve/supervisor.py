@@ -155,7 +155,7 @@ class Engine:
                 cmd += ["--lora-modules", *(f"{n}={p}" for n, p in self.adapters.items())]
         else:
             cmd += ["--served-model-name", self.plan.elites[0]]
-        return cmd + list(cfg.extra_engine_args)
+        return cmd + cfg.tool_calling.engine_args() + list(cfg.extra_engine_args)
 
     def env(self, cfg: ServeConfig) -> dict[str, str]:
         secrets_ = (cfg.admin_key_env, ENGINE_KEY_ENV, ENGINE_KEY_FILE_ENV)

@@ -13,8 +13,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-#: Generated requests per operation and mode: chat and completions, valid and invalid -> 4 x 250 = 1,000 cases.
-PER_OPERATION = 250
+#: Generated requests per operation and mode: chat, completions and responses, valid and invalid -> 6 x 170 = 1,020.
+PER_OPERATION = 170
 
 
 @pytest.mark.slow
@@ -49,7 +49,7 @@ def test_generated_requests_never_cause_a_server_error(start_router):
 
             run()
             checked += 1
-    assert checked == 4  # chat and completions, valid and invalid
+    assert checked == 6  # chat, completions and responses, valid and invalid
     assert calls >= 1000, calls
     print(f"{calls} generated requests, by status: {dict(sorted(statuses.items()))}")
     assert httpx.get(f"{r.url}/health").status_code == 200  # still up

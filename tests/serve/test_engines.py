@@ -46,7 +46,7 @@ def _prompts() -> list[str]:
     return [format_prompt(i.prompt) for s in SKILL_NAMES for i in get_skill(s).items("test", 4, seed=3)]
 
 
-def _start(tmp_path: Path, mini_run: Path, **settings) -> tuple[subprocess.Popen, Path, dict]:
+def _start(tmp_path: Path, mini_run: Path, wait_s: int = 240, **settings) -> tuple[subprocess.Popen, Path, dict]:
     port, admin = _free_port(), _free_port()
     cfg = {"run": str(mini_run), "out": str(tmp_path / "serve"), "lora_rank": RANK, "port": port, "admin_port": admin}
     cfg |= {"restart": {"backoff_s": 0.5}, "health_interval_s": 0.5, "kv_cache_gib": 1, **settings}
@@ -62,7 +62,7 @@ def _start(tmp_path: Path, mini_run: Path, **settings) -> tuple[subprocess.Popen
         text=True,
     )
     waited = subprocess.run(
-        [sys.executable, "-m", "serve", "wait", "--config", str(tmp_path / "serve.yaml"), "--timeout", "240"],
+        [sys.executable, "-m", "serve", "wait", "--config", str(tmp_path / "serve.yaml"), "--timeout", str(wait_s)],
         capture_output=True,
         text=True,
     )

@@ -215,3 +215,27 @@ def test_run_time_changes_are_refused_with_replicas(tmp_path):
         sup.add_elite("g1")
     with pytest.raises(ServeError, match="removing an elite at run time is not supported with replicas: 2"):
         sup.remove_elite("g1")
+
+
+def test_tool_calling_flags_reach_every_engine_command_line_and_are_validated(tmp_path):
+    from pydantic import ValidationError
+
+    plain = Engine(_plan(8100), tmp_path / "base").command(ServeConfig(out=tmp_path))
+    assert "--enable-auto-tool-choice" not in plain and "--tool-call-parser" not in plain
+    tools = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes", "chat_template": "/t/tools.jinja"}
+    cfg = ServeConfig(out=tmp_path, tool_calling=tools, extra_engine_args=["--max-num-seqs", "4"])
+    for mode in ("lora", "full"):
+        engine = Engine(EnginePlan("engine-0", Device(), 8100, mode, ["g1"], 1.0, 16), tmp_path / "base")
+        cmd = engine.command(cfg)
+        i = cmd.index("--enable-auto-tool-choice")
+        assert cmd[i + 1 : i + 5] == ["--tool-call-parser", "hermes", "--chat-template", "/t/tools.jinja"]
+        assert cmd[-2:] == ["--max-num-seqs", "4"]  # the user's own arguments still come last
+    parser_only = ServeConfig(out=tmp_path, tool_calling={"tool_call_parser": "pythonic"})
+    cmd = Engine(_plan(8100), tmp_path / "base").command(parser_only)
+    assert "--enable-auto-tool-choice" not in cmd and cmd[cmd.index("--tool-call-parser") + 1] == "pythonic"
+    with pytest.raises(ValidationError, match="tool_call_parser is required"):
+        ServeConfig(tool_calling={"enable_auto_tool_choice": True})
+    with pytest.raises(ValidationError):
+        ServeConfig(tool_calling={"enable_auto_tool_choice": True, "tool_call_parser": "hermes --x"})
+    with pytest.raises(ValidationError):
+        ServeConfig(tool_calling={"auto_tool_choice": True})  # a misspelt field is an error, not ignored
