@@ -2,8 +2,8 @@
 
 cycleqd-router serve      [--policy routing.yaml] [--host 127.0.0.1] [--port 8000] [--workers 1]
 cycleqd-router classifier [--policy routing.yaml]     the classifier's held-out accuracy
-cycleqd-router demo       [--url http://127.0.0.1:8000/v1] [--per-skill 4]
-                          held-out skill-world tasks through the router with the official openai client
+
+(Held-out skill-world tasks through the router: ``cycleqd-serve route-demo``; router/ imports nothing of evolve.)
 """
 
 from __future__ import annotations
