@@ -276,6 +276,9 @@ def route_demo(
     per_skill: Annotated[int, typer.Option(min=1, help="held-out tasks per skill")] = 4,
     seed: Annotated[int, typer.Option(help="which tasks, and their order")] = 0,
     api_key: Annotated[str, typer.Option(envvar="CYCLEQD_API_KEY", help="router API key, if it needs one")] = "none",
+    classifier_wait: Annotated[
+        float, typer.Option(min=0, help="seconds to wait for a starting router's classifier (503 classifier_starting)")
+    ] = 600,
 ) -> None:
     """Send a mixed batch of held-out skill-world tasks through a running router (model 'auto') and grade them
     (here, not in router/, which never imports evolve)."""
@@ -285,16 +288,35 @@ def route_demo(
 
     tasks = [(s, item) for s in SKILL_NAMES for item in get_skill(s).items("test", per_skill, seed=seed + 1000)]
     random.Random(seed).shuffle(tasks)
-    client = openai.OpenAI(base_url=url, api_key=api_key)
+    client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0)
+
+    def ask(prompt: str):
+        """One routed request; while the router is still embedding its classifier's exemplars (503
+        ``classifier_starting``, a fresh router on a busy machine) wait as its Retry-After says, up to
+        ``classifier_wait`` seconds in all."""
+        deadline, told = time.monotonic() + classifier_wait, False
+        while True:
+            try:
+                return client.chat.completions.with_raw_response.create(
+                    model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=48, temperature=0
+                )
+            except openai.APIStatusError as exc:
+                body = exc.body if isinstance(exc.body, dict) else {}
+                code = body.get("code") or (body.get("error") or {}).get("code")
+                if exc.status_code != 503 or code != "classifier_starting" or time.monotonic() > deadline:
+                    raise
+                if not told:
+                    err.print("the router's classifier is still starting (embedding its exemplars); waiting for it")
+                    told = True
+                time.sleep(min(max(float(exc.response.headers.get("retry-after") or 2), 0.5), 10.0))
+
     table = Table(title=f"{len(tasks)} held-out tasks through {url} (model 'auto')")
     for c in ("task", "skill", "elite", "reason", "weights", "score"):
         table.add_column(c)
     per_skill_scores: dict[str, list[float]] = {s: [] for s in SKILL_NAMES}
     try:
         for skill, item in tasks:
-            raw = client.chat.completions.with_raw_response.create(
-                model="auto", messages=[{"role": "user", "content": item.prompt}], max_tokens=48, temperature=0
-            )
+            raw = ask(item.prompt)
             answer = raw.parse().choices[0].message.content or ""
             score = get_skill(skill).grade([item], [answer])[0]
             per_skill_scores[skill].append(score)
