@@ -26,7 +26,7 @@ def test_generated_requests_never_cause_a_server_error(start_router):
     statuses: Counter[int] = Counter()
     for result in schema.get_all_operations():
         op = result.ok()
-        if op.method.upper() != "POST" or not op.path.startswith("/v1/"):
+        if op.method.upper() != "POST" or op.path not in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             continue
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
