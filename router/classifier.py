@@ -283,7 +283,11 @@ def embed_in_child(texts: dict[str, list[str]], nice: int = 10) -> dict[str, np.
         src, out = Path(tmp) / "texts.json", Path(tmp) / "emb.safetensors"
         src.write_text(json.dumps(texts))
         cmd = [sys.executable, "-m", "router.classifier", str(src), str(out), str(nice), str(os.getpid())]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        # one BLAS thread: a niced process is preempted whenever the machine is busy, and a multi-threaded BLAS then
+        # spends its time spin-waiting for its preempted threads (measured: a build of seconds took over 12 minutes
+        # at load average 9 on 2 cores)
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"embedding the exemplars failed ({done.returncode}): {done.stderr[-2000:]}")
         return {f"{split}.emb": emb for split, emb in load_file(str(out)).items()}
