@@ -38,23 +38,13 @@ from rich.table import Table
 
 from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from reliability_router import free_port, pct
+
 UPSTREAM = (
     "from router.testing import FakeUpstream; import time; u = FakeUpstream().start(); print(u.port, flush=True); "
     "time.sleep(1e9)"
 )
-
-
-def pct(values: list[float], q: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, int(q * len(v)))]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tree_cpu(pid: int) -> float:
