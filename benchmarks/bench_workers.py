@@ -21,7 +21,7 @@ import asyncio
 import json
 import os
 import platform
-import select
+import selectors
 import statistics
 import subprocess
 import sys
@@ -184,7 +184,9 @@ def one_router(tmp: Path, workers: int, args: argparse.Namespace, up_pid: int, t
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 180)
+        with selectors.DefaultSelector() as sel:  # not select(): the test process may hold fds above 1024
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            ready = sel.select(180)
         if not ready or "cycleqd-router on" not in proc.stdout.readline():
             raise RuntimeError(f"the router with {workers} workers did not start")
         wait_idle(proc.pid)  # each worker's start-up, and its classifier thread (no exemplars: it loads the encoder)

@@ -16,6 +16,7 @@ scripted functions one turn at a time and answers once it has every result, in b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -188,6 +189,7 @@ class FakeUpstream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
         self._turns = 0
 
     @property
@@ -196,7 +198,8 @@ class FakeUpstream:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> FakeUpstream:
-        threading.Thread(target=self._run, daemon=True, name=f"fake-upstream-{self.name}").start()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"fake-upstream-{self.name}")
+        self._thread.start()
         self._ready.wait(10)
         return self
 
@@ -207,11 +210,36 @@ class FakeUpstream:
         self.port = sock.getsockname()[1]
         self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, sock=sock, backlog=1024))
         self._ready.set()
-        self._loop.run_forever()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
 
     def stop(self) -> None:
-        if self._loop and self._server:
-            self._loop.call_soon_threadsafe(self._server.close)  # the daemon loop lingers; connections end
+        """Close the listener and every open connection, then end the loop and free its descriptors.
+
+        Why all of it: a test session starts hundreds of fakes; a loop left running keeps its epoll and wake-up
+        pipe (and any kept-alive connection) open, and the test process runs out of descriptors below 1024 that
+        ``select()`` can watch.
+        """
+        loop, server = self._loop, self._server
+        if loop is None or server is None or loop.is_closed():
+            return
+
+        async def shutdown() -> None:
+            server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await server.wait_closed()
+
+        # a handler stuck past 10 s must not keep the loop (and its descriptors) alive: stop it anyway
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
 
     # -- protocol --------------------------------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

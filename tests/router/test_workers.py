@@ -10,7 +10,7 @@ in a ``PROMETHEUS_MULTIPROC_DIR`` the test gives (the router does not tell clien
 from __future__ import annotations
 
 import os
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -69,7 +69,9 @@ class WorkerServer:
 
     def __enter__(self) -> WorkerServer:
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 90)
+        with selectors.DefaultSelector() as sel:  # not select(): the test process may hold fds above 1024
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            ready = sel.select(90)
         line = self.proc.stdout.readline() if ready else ""
         assert f"{self.url}/v1" in line and (self.n == 1 or f"{self.n} workers" in line), f"not announced: {line!r}"
         return self
