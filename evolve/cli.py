@@ -42,6 +42,15 @@ def user_errors(*extra: type[Exception]) -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def log_line(done: int, total: int, text: str) -> None:
+    """A plain progress line for output that is not a terminal (a log file, CI, ``nohup``), where rich shows no
+    live bar at all: printed at each tenth of the work and at its end, so a long command shows it is alive."""
+    if console.is_terminal or total <= 0:
+        return
+    if done == total or done * 10 // total != (done - 1) * 10 // total:
+        console.print(f"{done}/{total} {text}", highlight=False, soft_wrap=True)
+
+
 @app.callback()
 def _root() -> None:
     """Evolve a population of skill-specialised LLM elites with CycleQD."""
@@ -157,6 +166,7 @@ def run(
 
         def on_generation(info: dict) -> None:
             progress.update(task, advance=1, quality=ev.quality_skill(info["generation"] + 1), archives=summary())
+            log_line(info["generation"] + 1, cfg.generations, f"generations: {summary()}")
 
         with user_errors():  # a save that fails (full disk, read-only directory) ends the run with its message
             ev.run(on_generation)
@@ -302,6 +312,11 @@ def finetune(
             console=console,
         ) as progress:
             task = progress.add_task("finetune", total=cfg.steps, loss="-")
+
+            def on_step(step: int, loss: float) -> None:
+                progress.update(task, completed=step + 1, loss=f"{loss:.3f}")
+                log_line(step + 1, cfg.steps, f"steps, loss {loss:.3f}")
+
             meta = run_finetune(
                 base,
                 skill,
@@ -309,7 +324,7 @@ def finetune(
                 cfg,
                 force=force,
                 on_start=lambda step: progress.update(task, completed=step),
-                on_step=lambda step, loss: progress.update(task, completed=step + 1, loss=f"{loss:.3f}"),
+                on_step=on_step,
             )
     if meta.get("reused"):
         console.print(f"{out}: already fine-tuned with this base and config; --force trains again")
@@ -331,13 +346,33 @@ def merge_search(
 ) -> None:
     """The fair baseline: CMA-ES over task-arithmetic weights and over TIES density/scale on the mean validation
     score, with the CycleQD run's number of validation evaluations; stores RUN_DIR/merge_search.json."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from evolve.merge_search import METHODS, ROW_NAMES, MergeSearchError
     from evolve.merge_search import merge_search as run_search
 
-    with user_errors(MergeSearchError), console.status(f"searching merge weights for {run_dir}"):
-        result = run_search(run_dir, budget, methods=method or METHODS)
+    methods = method or list(METHODS)
+    with (
+        user_errors(MergeSearchError),
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("best validation mean [bold]{task.fields[best]}[/bold]"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress,
+    ):
+        tasks: dict[str, TaskID] = {}
+
+        def on_evaluation(m: str, done: int, total: int, best: float) -> None:
+            if m not in tasks:  # a method's bar appears with its first evaluation (after the set-up)
+                tasks[m] = progress.add_task(ROW_NAMES[m], total=total, best="-")
+            progress.update(tasks[m], completed=done, best=f"{100 * best:.1f}")
+            log_line(done, total, f"{ROW_NAMES[m]} evaluations, best validation mean {100 * best:.1f}")
+
+        result = run_search(run_dir, budget, methods=methods, on_evaluation=on_evaluation)
     table = Table(title=f"merge search, {result['budget']} validation evaluations per method")
     table.add_column("merge")
     table.add_column("parameters")

@@ -94,8 +94,19 @@ def cycleqd_evaluations(generations: int, children_per_generation: int, n_expert
     return generations * children_per_generation + n_experts
 
 
+#: Called after every validation evaluation with the method, the evaluations it has spent, its budget and its
+#: best mean validation score so far (for progress bars and log lines).
+OnEvaluation = Callable[[str, int, int, float], None]
+
+
 def search_run(
-    ev: Any, budget: int, *, seed: int = 0, methods: Sequence[str] = METHODS, test: bool = True
+    ev: Any,
+    budget: int,
+    *,
+    seed: int = 0,
+    methods: Sequence[str] = METHODS,
+    test: bool = True,
+    on_evaluation: OnEvaluation | None = None,
 ) -> dict[str, Any]:
     """Search merge weights for the population of an :class:`evolve.run.Evolution` (its engine, bases, skills
     and validation items), each method with ``budget`` validation evaluations; returns the result document."""
@@ -120,12 +131,20 @@ def search_run(
     def genome_of(w: Sequence[float]) -> torch.Tensor:
         return sum((float(wq) * g for wq, g in zip(w, experts_g, strict=True)), torch.zeros(layout.size))
 
+    spent: dict[str, int] = {}
+
+    def report(method: str, scored: dict[tuple[float, ...], dict[str, float]]) -> None:
+        spent[method] = spent.get(method, 0) + 1
+        if on_evaluation is not None:
+            on_evaluation(method, spent[method], budget, max(v["mean"] for v in scored.values()))
+
     if "task_arithmetic" in methods:
         scored: dict[tuple[float, ...], dict[str, float]] = {}
 
         def ta_objective(x: np.ndarray) -> float:
             scores = with_mean(ev.score(genome_of(x), "validation"))
             scored[tuple(x.tolist())] = scores
+            report("task_arithmetic", scored)
             return scores["mean"]
 
         res = cma_maximise(
@@ -151,6 +170,7 @@ def search_run(
         def ties_objective(x: np.ndarray) -> float:
             scores = score_weights(x, "validation", ev.config.validation_items)
             ties_scored[tuple(x.tolist())] = scores
+            report("ties", ties_scored)
             return scores["mean"]
 
         res = cma_maximise(
@@ -174,7 +194,12 @@ def _entry(res: SearchResult, params: dict[str, Any], validation: dict[str, floa
 
 
 def merge_search(
-    run_dir: Path, budget: int | None = None, *, seed: int | None = None, methods: Sequence[str] = METHODS
+    run_dir: Path,
+    budget: int | None = None,
+    *,
+    seed: int | None = None,
+    methods: Sequence[str] = METHODS,
+    on_evaluation: OnEvaluation | None = None,
 ) -> dict[str, Any]:
     """Search merges for a run directory with the run's own validation budget (unless ``budget`` is given) and
     store the result as ``run_dir/merge_search.json`` (atomically)."""
@@ -185,7 +210,9 @@ def merge_search(
     ev = Evolution(run_dir, cfg, resume=True)
     if budget is None:
         budget = cycleqd_evaluations(ev.state.generation, cfg.children_per_generation, len(cfg.skills))
-    result = search_run(ev, budget, seed=cfg.seed if seed is None else seed, methods=methods)
+    result = search_run(
+        ev, budget, seed=cfg.seed if seed is None else seed, methods=methods, on_evaluation=on_evaluation
+    )
     result["cycleqd_generations"] = ev.state.generation
     write_json_atomic(run_dir / RESULT_FILE, result)
     return result

@@ -140,6 +140,9 @@ def test_cli_trains_with_a_config_file(tmp_path, base_dir):
     )
     assert out.exit_code == 0, out.output
     assert json.loads((tmp_path / "e" / "cycleqd.json").read_text())["finetune"]["steps"] == 3
+    # the output is not a terminal (as in a log): a plain line per tenth of the steps stands in for the live bar
+    assert [ln.split(",")[0] for ln in out.output.splitlines() if "steps, loss" in ln] == ["1/3 steps", "2/3 steps",
+                                                                                          "3/3 steps"]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -61,9 +62,15 @@ def test_on_a_run_it_equals_or_beats_the_plain_average_within_the_budget(mini_ru
     calls = []
     score = ev.score
     ev.score = lambda g, split="validation": calls.append(split) or score(g, split)
-    result = search_run(ev, 9, seed=0, methods=["task_arithmetic"])
+    seen, best = [], []
+    result = search_run(
+        ev, 9, seed=0, methods=["task_arithmetic"],
+        on_evaluation=lambda m, done, total, b: (seen.append((m, done, total)), best.append(b)),
+    )  # fmt: skip
     ta = result["methods"]["task_arithmetic"]
     assert calls.count("validation") == 9 and calls.count("test") == 1
+    assert seen == [("task_arithmetic", i, 9) for i in range(1, 10)]  # progress after every evaluation
+    assert all(b <= b2 for b, b2 in itertools.pairwise(best)) and best[-1] == ta["validation"]["mean"]
     assert ta["evaluations"] == 9 and len(ta["history"]) == 9
     assert ta["start_validation_mean"] == pytest.approx(average_mean)
     assert ta["validation"]["mean"] >= average_mean
@@ -81,6 +88,9 @@ def test_cli_stores_both_methods_in_the_run(mini_run, tmp_path):
     shutil.copytree(mini_run, run)
     out = CliRunner().invoke(app, ["merge-search", str(run), "--budget", "4"])
     assert out.exit_code == 0, out.output
+    # not a terminal (a log, CI): plain progress lines instead of a live bar, each method to its end
+    assert "4/4 task arithmetic (CMA-ES search) evaluations, best validation mean" in out.output
+    assert "4/4 TIES (CMA-ES search) evaluations, best validation mean" in out.output
     data = json.loads((run / RESULT_FILE).read_text())
     assert set(data["methods"]) == {"task_arithmetic", "ties"} and data["budget"] == 4
     for entry in data["methods"].values():

@@ -80,6 +80,9 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_uninterrupted_archive(t
     assert 1 <= stopped_at <= 10
     out = subprocess.run([*cmd[:-2], "--resume"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    # stdout is a pipe, not a terminal: one plain progress line per generation (a tenth of 10), from the resumed one
+    logged = [int(ln.split("/")[0]) for ln in out.stdout.splitlines() if "/10 generations:" in ln]
+    assert logged == list(range(stopped_at + 1, 11)), out.stdout
     resumed = RunState.load(run_dir / STATE_FILE)
     assert resumed.generation == 10
     assert archive_ids(resumed) == archive_ids(reference.state)
