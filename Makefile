@@ -77,7 +77,7 @@ real: $(STAMP)
 	@set -e; \
 	$(VENV)/bin/cycleqd-serve run --config configs/smollm2-serve.yaml & serve=$$!; \
 	trap 'kill -TERM $$serve $$router 2>/dev/null; wait' EXIT; \
-	$(VENV)/bin/cycleqd-serve wait --config configs/smollm2-serve.yaml --timeout 600; \
+	$(VENV)/bin/cycleqd-serve wait --config configs/smollm2-serve.yaml --timeout 1800; \
 	$(VENV)/bin/cycleqd-serve status --config configs/smollm2-serve.yaml; \
 	$(VENV)/bin/cycleqd-router serve --policy configs/smollm2-routing.yaml --manifest $(REAL_DIR)/serve/manifest.json --port 8001 & router=$$!; \
 	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8001/health && break; sleep 1; done; \
