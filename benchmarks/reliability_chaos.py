@@ -29,7 +29,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,23 +107,13 @@ class Timeline:
     events: list[tuple[float, str]] = field(default_factory=list)
 
 
-async def request(
-    client: httpx.AsyncClient, url: str, model: str, stream: bool, t0: float, live: Counter[str] | None = None
-) -> Result:
-    """One request; while a stream's body is being read, ``live`` counts it under the engine that serves it."""
+async def request(client: httpx.AsyncClient, url: str, model: str, stream: bool, t0: float) -> Result:
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
             "max_tokens": 64 if stream else 16, "stream": stream, "ignore_eos": stream}  # fmt: skip
     start = time.perf_counter() - t0
     try:
         async with client.stream("POST", url, json=body) as r:
-            engine = r.headers.get("x-cycleqd-engine", "")
-            if live is not None and stream:
-                live[engine] += 1
-            try:
-                data = await r.aread()
-            finally:
-                if live is not None and stream:
-                    live[engine] -= 1
+            data = await r.aread()
         res = Result(stream, start, time.perf_counter() - t0, r.status_code, r.headers.get("x-cycleqd-engine"))
     except httpx.HTTPError as exc:
         return Result(stream, start, time.perf_counter() - t0, None, None, error=type(exc).__name__)
@@ -161,22 +150,16 @@ async def chaos(
     tl = Timeline()
     stop = asyncio.Event()
     url = f"{router_url}/v1/chat/completions"
-    live: Counter[str] = Counter()  # streams being read now, by engine
 
     async def worker(stream: bool) -> None:
         limits = httpx.Limits(max_connections=1)
         async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10), limits=limits, trust_env=False) as c:
             while not stop.is_set():
-                results.append(await request(c, url, model, stream, t0, live))
+                results.append(await request(c, url, model, stream, t0))
 
     async def watch() -> None:
-        """Kill the victim after the warm-up, at a moment a stream is on it (up to 60 s more); follow its restart
-        in the manifest; stop once it serves again. Why wait for a stream: the kill must show what happens to one,
-        and with a few stream workers over two replicas a fixed moment can find none on the victim."""
+        """Kill the victim after the warm-up; follow its restart in the manifest; stop once it serves again."""
         await asyncio.sleep(warmup)
-        wait_until = time.perf_counter() + 60
-        while not live[victim] and time.perf_counter() < wait_until:
-            await asyncio.sleep(0.005)
         entry = load_manifest(manifest_path).engine(victim)
         assert entry.pid and entry.health == Health.READY, entry
         tl.killed_pid, tl.killed_at = entry.pid, time.perf_counter() - t0
