@@ -81,7 +81,7 @@ real: $(STAMP)
 	$(VENV)/bin/cycleqd-serve status --config configs/smollm2-serve.yaml; \
 	CYCLEQD_ENGINE_KEY_FILE=$(REAL_DIR)/serve/engine.key $(VENV)/bin/cycleqd-router serve --policy configs/smollm2-routing.yaml --manifest $(REAL_DIR)/serve/manifest.json --port 8001 & router=$$!; \
 	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8001/health && break; sleep 1; done; \
-	$(VENV)/bin/cycleqd-serve route-demo --url http://127.0.0.1:8001/v1 --per-skill 4
+	$(VENV)/bin/cycleqd-serve route-demo --url http://127.0.0.1:8001/v1 --per-skill 50
 	@echo "make real: $$(( $$(date +%s) - $$(cat $(REAL_DIR)/.started) )) s end to end"
 
 # The results table over three seeds of evolution (same bootstrap models), as quoted in the README; each seed also

@@ -2,7 +2,8 @@
 base alone, one LoRA elite, and eight LoRA elites (round robin); memory per additional LoRA elite against a
 full-weight engine.
 
-Uses the demo run (``make demo`` first). Memory is the resident set of the engine's whole process tree
+Uses the demo run (``make demo`` first), or any run with ``--run`` (SmolLM2: ``--run .cache/real/run
+--max-model-len 2048 --out benchmarks/results/bench_serve_smollm2.json``). Memory is the resident set of the engine's whole process tree
 (API server, engine core, worker), read from /proc.
 
     .venv/bin/python benchmarks/bench_serve.py [--requests 96] [--concurrency 16]
@@ -60,14 +61,24 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path(".cache/demo/run"))
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", help="engine dtype (vLLM --dtype)")
+    ap.add_argument("--max-model-len", type=int, default=None, help="vLLM --max-model-len (e.g. 2048 for SmolLM2)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_serve.json")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(".cache/vllm").resolve()))
     prompts = [format_prompt(i.prompt) for s in SKILL_NAMES for i in get_skill(s).items("test", 20)]
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    base = ServeConfig(run=args.run, out=tmp / "lora", measure_truncation=False, port=8710, admin_port=8709)
+    base = ServeConfig(
+        run=args.run,
+        out=tmp / "lora",
+        measure_truncation=False,
+        port=8710,
+        admin_port=8709,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+    )
     lora_cfg = base.model_copy(update={"select": Selection(best_per_skill=False, top=8), "max_loras": 8})
-    results: dict = {"machine": platform.platform(), "cpus": os.cpu_count()}
+    results: dict = {"machine": platform.platform(), "cpus": os.cpu_count(), "run": str(args.run), "dtype": args.dtype}
     sup, t_lora = start(lora_cfg)
     try:
         engine = next(iter(sup.engines.values()))

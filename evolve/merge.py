@@ -42,20 +42,47 @@ def ties(
 ) -> dict[str, torch.Tensor]:
     """TIES-merging (Yadav et al., 2023): trim each task vector to its top ``density`` share by magnitude,
     elect a sign per entry by the summed trimmed vectors, average only the entries that agree with it."""
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    out = {}
-    for name, b in base.items():
-        tvs = torch.stack([m[name].float() - b.float() for m in models])
-        flat = tvs.reshape(len(models), -1)
-        k = max(1, round(density * flat.shape[1]))
-        thresh = flat.abs().kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values
-        trimmed = torch.where(flat.abs() >= thresh, flat, torch.zeros_like(flat))
-        sign = torch.sign(trimmed.sum(0))
-        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-        merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
-        out[name] = (b.float() + scale * merged.reshape(b.shape)).to(b.dtype)
-    return out
+    return Ties(base, models, presort=False)(density=density, scale=scale)
+
+
+class Ties:
+    """TIES merges of fixed experts at many (density, scale) settings, as a merge-weight search asks for.
+
+    The task vectors are taken once; with ``presort`` their magnitudes are also sorted once, so each merge reads
+    its trim threshold instead of searching for it (the k-th value search was over half of every TIES merge of
+    SmolLM2's 134.5M parameters: 6.7 of 12.5 s on 2 cores). The price is memory: the task vectors and, with
+    ``presort``, their sorted magnitudes, each one float32 copy of every expert. The threshold is the same
+    k-th largest magnitude either way, so both give identical merges.
+    """
+
+    def __init__(self, base: StateDict, models: Sequence[StateDict], *, presort: bool = True) -> None:
+        if not models:
+            raise ValueError("TIES needs at least one model")
+        self.base = base
+        self.vectors = {name: torch.stack([m[name].float() - b.float() for m in models]) for name, b in base.items()}
+        self.sorted = (
+            {name: tv.reshape(len(models), -1).abs().sort(dim=1).values for name, tv in self.vectors.items()}
+            if presort
+            else None
+        )
+
+    def __call__(self, *, density: float = 0.2, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        if not 0 < density <= 1:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        out = {}
+        for name, b in self.base.items():
+            flat = self.vectors[name].reshape(self.vectors[name].shape[0], -1)
+            n = flat.shape[1]
+            k = max(1, round(density * n))
+            if self.sorted is not None:
+                thresh = self.sorted[name][:, n - k : n - k + 1]
+            else:
+                thresh = flat.abs().kthvalue(n - k + 1, dim=1, keepdim=True).values
+            trimmed = flat * (flat.abs() >= thresh)
+            agree = trimmed * trimmed.sum(0).sign() > 0  # non-zero and of the elected sign
+            merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+            out[name] = (b.float() + scale * merged.reshape(b.shape)).to(b.dtype)
+        return out
 
 
 def dare(base: StateDict, models: Sequence[StateDict], *, drop: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from evolve.atomic import read_versioned_json, write_json_atomic
-from evolve.merge import ties
+from evolve.merge import Ties
 
 FORMAT_VERSION = 1
 RESULT_FILE = "merge_search.json"
@@ -158,12 +158,11 @@ def search_run(
     if "ties" in methods:
         from evolve.evaluators import score_skills
 
-        base = ev.bases.base
-        expert_sds = [ev.bases.materialise(g) for g in experts_g]
+        merge_ties = Ties(ev.bases.base, [ev.bases.materialise(g) for g in experts_g])
         ties_scored: dict[tuple[float, ...], dict[str, float]] = {}
 
         def score_weights(x: Sequence[float], split: str, n: int) -> dict[str, float]:
-            merged = ties(base, expert_sds, density=float(x[0]), scale=float(x[1]))
+            merged = merge_ties(density=float(x[0]), scale=float(x[1]))
             ev.engine.load_state_dict(merged)
             return with_mean(score_skills(ev.engine, ev.skills, split, n, seed=ev.config.seed))
 
