@@ -8,8 +8,9 @@ shows it ready again, and the router has sent it traffic again. What issue 11 as
 
 * no non-streaming request fails (those in flight on the killed engine broke off before their first byte reached
   the client, so the router retries them on the other replica);
-* every stream that was on the killed engine ends with an OpenAI-shaped error event and ``[DONE]``, not a hang or a
-  truncated body;
+* every stream the kill cut short on the killed engine ends with an OpenAI-shaped error event and ``[DONE]``, not a
+  hang or a truncated body (the kill comes while one of its streams is part-way through its answer), and every
+  other stream comes whole;
 * the manifest shows engine-0 with ``restarts: 1``, a new pid and ``ready``, and requests reach it again.
 
 The engines are the test suite's miniature models (built once into ``.cache/chaos``; ``--run`` serves another run).
@@ -91,6 +92,7 @@ class Result:
     status: int | None
     engine: str | None
     done: bool = False  # a stream ended with data: [DONE]
+    finished: bool = False  # a stream's answer came whole (an event with a finish_reason)
     error_event: bool = False  # a stream carried an OpenAI-shaped error event
     error: str | None = None  # an exception (timeouts included), or a non-200
 
@@ -107,16 +109,30 @@ class Timeline:
     events: list[tuple[float, str]] = field(default_factory=list)
 
 
-async def request(client: httpx.AsyncClient, url: str, model: str, stream: bool, t0: float) -> Result:
+async def request(
+    client: httpx.AsyncClient, url: str, model: str, stream: bool, t0: float, live: dict | None = None
+) -> Result:
+    """One request; while a stream is read, ``live[key]`` holds its engine and the data events it has received so
+    far (the watch kills the victim while one of its streams is part-way through)."""
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
             "max_tokens": 64 if stream else 16, "stream": stream, "ignore_eos": stream}  # fmt: skip
     start = time.perf_counter() - t0
+    key = object()
     try:
         async with client.stream("POST", url, json=body) as r:
-            data = await r.aread()
-        res = Result(stream, start, time.perf_counter() - t0, r.status_code, r.headers.get("x-cycleqd-engine"))
+            engine, chunks, events = r.headers.get("x-cycleqd-engine"), [], 0
+            async for chunk in r.aiter_bytes():
+                chunks.append(chunk)
+                if stream and live is not None:
+                    events += chunk.count(b"data: ")
+                    live[key] = (engine, events)
+            data = b"".join(chunks)
+        res = Result(stream, start, time.perf_counter() - t0, r.status_code, engine)
     except httpx.HTTPError as exc:
         return Result(stream, start, time.perf_counter() - t0, None, None, error=type(exc).__name__)
+    finally:
+        if live is not None:
+            live.pop(key, None)
     if r.status_code != 200:
         res.error = f"HTTP {r.status_code}: {data[:200].decode(errors='replace')}"
     elif stream:
@@ -130,6 +146,8 @@ async def request(client: httpx.AsyncClient, url: str, model: str, stream: bool,
                 continue
             if "error" in obj:
                 res.error_event = "message" in obj["error"] and "type" in obj["error"]
+            elif any(c.get("finish_reason") for c in obj.get("choices", [])):
+                res.finished = True
     elif b'"choices"' not in data:
         res.error = "no choices"
     return res
@@ -147,6 +165,7 @@ async def chaos(
     the surviving replica can take many minutes to start; the test uses this, the benchmark keeps the load on."""
     t0 = time.perf_counter()
     results: list[Result] = []
+    live: dict = {}  # streams being read: their engine and data events so far
     tl = Timeline()
     stop = asyncio.Event()
     url = f"{router_url}/v1/chat/completions"
@@ -155,11 +174,15 @@ async def chaos(
         limits = httpx.Limits(max_connections=1)
         async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10), limits=limits, trust_env=False) as c:
             while not stop.is_set():
-                results.append(await request(c, url, model, stream, t0))
+                results.append(await request(c, url, model, stream, t0, live))
 
     async def watch() -> None:
-        """Kill the victim after the warm-up; follow its restart in the manifest; stop once it serves again."""
+        """Kill the victim after the warm-up, at a moment when one of its streams is part-way through (a kill at a
+        fixed moment sometimes found none in flight); follow its restart in the manifest; stop once it serves again."""
         await asyncio.sleep(warmup)
+        give_up = time.perf_counter() + 60
+        while time.perf_counter() < give_up and not any(e == victim and 1 <= n <= 24 for e, n in live.values()):
+            await asyncio.sleep(0.005)
         entry = load_manifest(manifest_path).engine(victim)
         assert entry.pid and entry.health == Health.READY, entry
         tl.killed_pid, tl.killed_at = entry.pid, time.perf_counter() - t0
@@ -196,7 +219,9 @@ def summarise(results: list[Result], tl: Timeline, victim: str) -> dict:
     k = tl.killed_at or 0.0
     plain = [r for r in results if not r.stream]
     streams = [r for r in results if r.stream]
-    cut = [r for r in streams if r.engine == victim and r.start < k < r.end]  # on the victim when it died
+    # on the victim when it died, and its answer did not come whole (a stream the engine had finished sending before
+    # the kill can still be read by the client after it: that one is whole, not cut)
+    cut = [r for r in streams if r.engine == victim and r.start < k < r.end and not r.finished]
     other = [r for r in streams if r not in cut]
     back = [r for r in results if r.engine == victim and tl.ready_again_at and r.start > tl.ready_again_at]
     return {
@@ -213,7 +238,7 @@ def summarise(results: list[Result], tl: Timeline, victim: str) -> dict:
             {r.error or ("no error event" if not r.error_event else "") for r in cut} - {""}
         ),
         "other_streams_failed": sum(
-            r.status != 200 or r.error is not None or not r.done or r.error_event for r in other
+            r.status != 200 or r.error is not None or not r.done or r.error_event or not r.finished for r in other
         ),
         "served_by_engine": {e: sum(r.engine == e for r in results) for e in sorted({str(r.engine) for r in results})},
         "served_by_victim_after_restart": len(back),

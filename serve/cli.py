@@ -250,7 +250,13 @@ def remove(elite: Annotated[str, typer.Argument(help="served elite id")], config
 def wait(
     config: ConfigOpt = None,
     out: OutOpt = None,
-    timeout: Annotated[float, typer.Option(help="seconds")] = 300.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="seconds from now; started beside `run`, it also covers materialising and scoring the elites before "
+            "any engine starts (minutes for a real model on a CPU)"
+        ),
+    ] = 300.0,
 ) -> None:
     """Wait until the manifest exists and every engine in it is ready (exit 1 on timeout)."""
     from serve.manifest import Health, ManifestError, load_manifest
