@@ -3,8 +3,8 @@ base alone, one LoRA elite, and eight LoRA elites (round robin); memory per addi
 full-weight engine.
 
 Uses the demo run (``make demo`` first), or any run with ``--run`` (SmolLM2: ``--run .cache/real/run
---max-model-len 2048 --out benchmarks/results/bench_serve_smollm2.json``). Memory is the resident set of the engine's whole process tree
-(API server, engine core, worker), read from /proc.
+--max-model-len 2048 --out benchmarks/results/bench_serve_smollm2.json``). Memory is the resident set of the
+engine's whole process tree (API server, engine core, worker), read from /proc.
 
     .venv/bin/python benchmarks/bench_serve.py [--requests 96] [--concurrency 16]
 """
