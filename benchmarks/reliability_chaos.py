@@ -180,7 +180,7 @@ async def chaos(
         """Kill the victim after the warm-up, at a moment when one of its streams is part-way through (a kill at a
         fixed moment sometimes found none in flight); follow its restart in the manifest; stop once it serves again."""
         await asyncio.sleep(warmup)
-        give_up = time.perf_counter() + 60
+        give_up = time.perf_counter() + 60  # a stream with 1-24 of its 64 events: most of its answer still to come
         while time.perf_counter() < give_up and not any(e == victim and 1 <= n <= 24 for e, n in live.values()):
             await asyncio.sleep(0.005)
         entry = load_manifest(manifest_path).engine(victim)

@@ -59,19 +59,18 @@ class Ties:
         if not models:
             raise ValueError("TIES needs at least one model")
         self.base = base
-        self.vectors = {name: torch.stack([m[name].float() - b.float() for m in models]) for name, b in base.items()}
-        self.sorted = (
-            {name: tv.reshape(len(models), -1).abs().sort(dim=1).values for name, tv in self.vectors.items()}
-            if presort
-            else None
-        )
+        # one row per model, flattened: the trim threshold is per model over the whole tensor
+        self.vectors = {
+            name: torch.stack([(m[name].float() - b.float()).flatten() for m in models]) for name, b in base.items()
+        }
+        self.sorted = {name: tv.abs().sort(dim=1).values for name, tv in self.vectors.items()} if presort else None
 
     def __call__(self, *, density: float = 0.2, scale: float = 1.0) -> dict[str, torch.Tensor]:
         if not 0 < density <= 1:
             raise ValueError(f"density must be in (0, 1], got {density}")
         out = {}
         for name, b in self.base.items():
-            flat = self.vectors[name].reshape(self.vectors[name].shape[0], -1)
+            flat = self.vectors[name]
             n = flat.shape[1]
             k = max(1, round(density * n))
             if self.sorted is not None:
