@@ -73,7 +73,7 @@ real: $(STAMP)
 	rm -rf $(REAL_DIR)/run
 	$(VENV)/bin/cycleqd-evolve run --out $(REAL_DIR)/run --config configs/smollm2-evolve.yaml
 	$(VENV)/bin/cycleqd-evolve merge-search $(REAL_DIR)/run
-	$(VENV)/bin/cycleqd-evolve report $(REAL_DIR)/run --out $(REAL_DIR)/results
+	$(VENV)/bin/cycleqd-evolve report $(REAL_DIR)/run --out $(REAL_DIR)/results --elites best
 	@set -e; \
 	$(VENV)/bin/cycleqd-serve run --config configs/smollm2-serve.yaml & serve=$$!; \
 	trap 'kill -TERM $$serve $$router 2>/dev/null; wait' EXIT; \

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -228,9 +228,13 @@ def export_lora(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="one or more run directories (e.g. one per seed)")],
     out: Annotated[Path | None, typer.Option(help="also write OUT.json and OUT.md")] = None,
-    all_elites: Annotated[
-        bool, typer.Option(help="also score every elite on test and store the scores in the run directory")
-    ] = True,
+    elites: Annotated[
+        Literal["all", "best", "none"],
+        typer.Option(
+            help="which elites to score on test too, their scores stored in the run directory for serving: all; "
+            "best (each archive's best and the best by mean validation score); none",
+        ),
+    ] = "all",
     html: Annotated[
         bool, typer.Option(help="also write a self-contained HTML page: OUT.html, or report.html in the first run")
     ] = False,
@@ -244,7 +248,7 @@ def report(
 
     with user_errors():
         ids = served_ids(served) if html and served else []  # a bad manifest is refused before the scoring
-        result = make_report(runs, console, out, all_elites=all_elites)
+        result = make_report(runs, console, out, elites=elites)
         if html:
             path = write_html(out.with_suffix(".html") if out else runs[0] / "report.html", runs, result["rows"], ids)
             console.print(f"wrote {path}")

@@ -403,7 +403,9 @@ def run_section(run_dir: Path, served: Iterable[str] = ()) -> str:
     splits = splits_of(state.elites)
     out.append(f"<h3>Validation vs {' vs '.join(s for s in splits if s != 'validation') or 'other splits'}</h3>")
     if "test" not in splits:
-        out.append('<p class="note">No test scores stored yet: run the report with --all-elites.</p>')
+        out.append(
+            '<p class="note">No test scores stored yet: run cycleqd-evolve report RUN (--elites all or best).</p>'
+        )
     out.append("<div class='row'>")
     out += [split_scatter(state, s) for s in splits if s != "validation"]
     out.append("</div>")

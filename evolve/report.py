@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from rich.console import Console
@@ -26,13 +26,18 @@ from evolve.run import STATE_FILE, Evolution, load_run_config
 
 REPORT_FILE = "report.json"
 
+#: Which elites get test scores stored with them (besides the table's rows): every elite, each archive's best and
+#: the best by mean validation score (what a serving selection of ``best_per_skill`` and ``top: 1`` picks, at a
+#: fraction of the cost on a big archive), or none.
+ElitesOnTest = Literal["all", "best", "none"]
 
-def score_run(run_dir: Path, console: Console, *, all_elites: bool = True) -> dict[str, dict[str, float]]:
+
+def score_run(run_dir: Path, console: Console, *, elites: ElitesOnTest = "all") -> dict[str, dict[str, float]]:
     """Test scores of every row for one run directory; also written to ``<run>/report.json``.
 
-    With ``all_elites``, every elite in the archives is scored on test too, and its scores are stored with it in
-    the run directory (``elites[id]["test"]`` in state.safetensors, saved atomically), where ``cycleqd-serve``
-    picks them up for the serving manifest.
+    The elites that ``elites`` names are scored on test too, and their scores are stored with them in the run
+    directory (``elites[id]["test"]`` in state.safetensors, saved atomically), where ``cycleqd-serve`` picks them
+    up for the serving manifest.
     """
     ev = Evolution(run_dir, load_run_config(run_dir), resume=True)
     cfg, layout = ev.config, ev.bases.layout
@@ -64,8 +69,8 @@ def score_run(run_dir: Path, console: Console, *, all_elites: bool = True) -> di
         rows.update(report_rows(Path(run_dir)))  # the searched merges, when `merge-search` ran on this run
         status.update("CycleQD")
         rows.update(score_cycleqd(ev))
-        if all_elites:
-            ids = sorted(ev.state.genomes)
+        if elites != "none":
+            ids = sorted(ev.state.genomes) if elites == "all" else best_elites(ev)
             for n, eid in enumerate(ids, 1):
                 status.update(f"every elite on test: {n}/{len(ids)}")
                 known = rows.get(eid) or (rows["CycleQD best elite"] if eid == ev.best_mean_elite() else None)
@@ -82,6 +87,12 @@ def score_run(run_dir: Path, console: Console, *, all_elites: bool = True) -> di
     }
     write_json_atomic(Path(run_dir) / REPORT_FILE, report)
     return rows
+
+
+def best_elites(ev: Evolution) -> list[str]:
+    """Each archive's best elite and the best by mean validation score, sorted and without repeats."""
+    best = {a.stats.best_id for a in ev.state.archives.values() if a.stats.best_id is not None}
+    return sorted(best | {ev.best_mean_elite()})
 
 
 def score_cycleqd(ev: Evolution) -> dict[str, dict[str, float]]:
@@ -128,9 +139,9 @@ def to_markdown(table_data: dict[str, dict[str, tuple[float, float]]], n_runs: i
 
 
 def report(
-    run_dirs: Sequence[Path], console: Console, out: Path | None = None, *, all_elites: bool = True
+    run_dirs: Sequence[Path], console: Console, out: Path | None = None, *, elites: ElitesOnTest = "all"
 ) -> dict[str, Any]:
-    runs = [score_run(Path(d), console, all_elites=all_elites) for d in run_dirs]
+    runs = [score_run(Path(d), console, elites=elites) for d in run_dirs]
     combined = combine(runs)
     console.print(render(combined, len(runs)))
     result = {"runs": [str(d) for d in run_dirs], "rows": combined}

@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -281,6 +283,7 @@ def route_demo(
     url: Annotated[str, typer.Option(help="the router's OpenAI base URL")] = "http://127.0.0.1:8000/v1",
     per_skill: Annotated[int, typer.Option(min=1, help="held-out tasks per skill")] = 4,
     seed: Annotated[int, typer.Option(help="which tasks, and their order")] = 0,
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight at once (an agent fleet's load)")] = 8,
     api_key: Annotated[str, typer.Option(envvar="CYCLEQD_API_KEY", help="router API key, if it needs one")] = "none",
     classifier_wait: Annotated[
         float, typer.Option(min=0, help="seconds to wait for a starting router's classifier (503 classifier_starting)")
@@ -295,12 +298,13 @@ def route_demo(
     tasks = [(s, item) for s in SKILL_NAMES for item in get_skill(s).items("test", per_skill, seed=seed + 1000)]
     random.Random(seed).shuffle(tasks)
     client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0)
+    told = threading.Event()  # say once, not once per request in flight, that the classifier is starting
 
     def ask(prompt: str):
         """One routed request; while the router is still embedding its classifier's exemplars (503
         ``classifier_starting``, a fresh router on a busy machine) wait as its Retry-After says, up to
         ``classifier_wait`` seconds in all."""
-        deadline, told = time.monotonic() + classifier_wait, False
+        deadline = time.monotonic() + classifier_wait
         while True:
             try:
                 return client.chat.completions.with_raw_response.create(
@@ -311,9 +315,9 @@ def route_demo(
                 code = body.get("code") or (body.get("error") or {}).get("code")
                 if exc.status_code != 503 or code != "classifier_starting" or time.monotonic() > deadline:
                     raise
-                if not told:
+                if not told.is_set():
+                    told.set()
                     err.print("the router's classifier is still starting (embedding its exemplars); waiting for it")
-                    told = True
                 time.sleep(min(max(float(exc.response.headers.get("retry-after") or 2), 0.5), 10.0))
 
     table = Table(title=f"{len(tasks)} held-out tasks through {url} (model 'auto')")
@@ -321,8 +325,10 @@ def route_demo(
         table.add_column(c)
     per_skill_scores: dict[str, list[float]] = {s: [] for s in SKILL_NAMES}
     try:
-        for skill, item in tasks:
-            raw = ask(item.prompt)
+        # Requests go out `concurrency` at a time (the engines batch them); rows and grades keep the task order.
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            answers = list(pool.map(lambda task: ask(task[1].prompt), tasks))
+        for (skill, item), raw in zip(tasks, answers, strict=True):
             answer = raw.parse().choices[0].message.content or ""
             score = get_skill(skill).grade([item], [answer])[0]
             per_skill_scores[skill].append(score)

@@ -76,7 +76,7 @@ def test_a_bad_served_manifest_is_refused_with_its_name(reported_run, tmp_path):
     run, _ = reported_run
     bad = tmp_path / "manifest.json"
     bad.write_text("{not json")
-    result = CliRunner().invoke(app, ["report", str(run), "--html", "--served", str(bad), "--no-all-elites"])
+    result = CliRunner().invoke(app, ["report", str(run), "--html", "--served", str(bad), "--elites", "none"])
     assert result.exit_code == 2
     assert "manifest.json" in result.output and "not a readable serving manifest" in result.output
 

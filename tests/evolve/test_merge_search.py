@@ -102,7 +102,7 @@ def test_cli_stores_both_methods_in_the_run(mini_run, tmp_path):
     rows = report_rows(run)
     assert set(rows) == {"task arithmetic (CMA-ES search)", "TIES (CMA-ES search)"}
     # the report's table carries the searched merges beside CycleQD's rows, with the search's test scores
-    out = CliRunner().invoke(app, ["report", str(run), "--no-all-elites"])
+    out = CliRunner().invoke(app, ["report", str(run), "--elites", "none"])
     assert out.exit_code == 0, out.output
     reported = json.loads((run / "report.json").read_text())["rows"]
     for name, scores in rows.items():

@@ -116,6 +116,19 @@ def test_report_table_on_test(tmp_path, mini_models):
     assert again.state.elites[child]["validation"] == state.elites[child]["validation"]
 
 
+def test_report_scores_only_the_best_elites_when_asked(tmp_path, mini_models):
+    """``elites="best"``: each archive's best and the best by mean validation get test scores, no other elite."""
+    ev = Evolution(tmp_path / "r", mini_evolve_config(mini_models, generations=3))
+    ev.run()
+    report([tmp_path / "r"], Console(quiet=True), elites="best")
+    state = RunState.load(tmp_path / "r" / STATE_FILE)
+    scored = {e for e, v in state.elites.items() if "test" in v}
+    best = {a.stats.best_id for a in state.archives.values()} | {ev.best_mean_elite()}
+    assert scored == best and len(scored) < len(state.genomes)
+    for eid in scored:
+        assert ev.score(state.genomes[eid], "test") == state.elites[eid]["test"]
+
+
 def test_existing_directory_needs_resume(tmp_path, mini_models):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "keep.txt").write_text("x")

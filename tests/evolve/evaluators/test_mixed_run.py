@@ -68,7 +68,7 @@ def test_a_run_mixing_kinds_completes_resumes_after_sigkill_and_reports_on_test(
     assert archive_ids(resumed) == archive_ids(st)
     assert genomes_equal(resumed, st)
 
-    result = report([run_dir], Console(quiet=True), all_elites=False)
+    result = report([run_dir], Console(quiet=True), elites="none")
     rows = result["rows"]
     assert set(rows["CycleQD best elite"]) == {*SKILLS, "mean"}
     for row in ("base", "expert:sql", "expert:shell", "CycleQD aggregate"):
