@@ -72,7 +72,7 @@ def score_run(run_dir: Path, console: Console, *, elites: ElitesOnTest = "all") 
         if elites != "none":
             ids = sorted(ev.state.genomes) if elites == "all" else best_elites(ev)
             for n, eid in enumerate(ids, 1):
-                status.update(f"every elite on test: {n}/{len(ids)}")
+                status.update(f"elites on test ({elites}): {n}/{len(ids)}")
                 known = rows.get(eid) or (rows["CycleQD best elite"] if eid == ev.best_mean_elite() else None)
                 ev.state.elites[eid]["test"] = dict(known) if known else ev.score(ev.state.genomes[eid], "test")
             ev.state.save(Path(run_dir) / STATE_FILE)
