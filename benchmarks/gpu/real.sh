@@ -30,7 +30,7 @@ rm -rf .cache/gpu/run
 $PY benchmarks/bench_real.py --config "$EVOLVE_CONFIG" --generations "$GENERATIONS" --run-dir .cache/gpu/run \
   --out "$OUT/bench_real_gpu.json" 2>&1 | tee "$OUT/bench_real_gpu.txt"
 stamp "report on test"
-$PY -m evolve.cli report .cache/gpu/run --out "$OUT/results_gpu" --no-all-elites 2>&1 | tee "$OUT/report_gpu.txt"
+$PY -m evolve.cli report .cache/gpu/run --out "$OUT/results_gpu" --elites none 2>&1 | tee "$OUT/report_gpu.txt"
 stamp "merge search, after the report (CMA-ES, the run's validation budget)"
 $PY -m evolve.cli merge-search .cache/gpu/run 2>&1 | tail -12 | tee "$OUT/merge_search_gpu.txt" || stamp "merge search failed"
 stamp "done"
