@@ -298,7 +298,9 @@ def route_demo(
     tasks = [(s, item) for s in SKILL_NAMES for item in get_skill(s).items("test", per_skill, seed=seed + 1000)]
     random.Random(seed).shuffle(tasks)
     client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0)
-    told = threading.Event()  # say once, not once per request in flight, that the classifier is starting
+    # Say once, not once per request in flight, that the classifier is starting: the first thread to take this
+    # lock (never released) prints; a check-then-set of a flag could let two refused threads both print.
+    told = threading.Lock()
 
     def ask(prompt: str):
         """One routed request; while the router is still embedding its classifier's exemplars (503
@@ -315,8 +317,7 @@ def route_demo(
                 code = body.get("code") or (body.get("error") or {}).get("code")
                 if exc.status_code != 503 or code != "classifier_starting" or time.monotonic() > deadline:
                     raise
-                if not told.is_set():
-                    told.set()
+                if told.acquire(blocking=False):
                     err.print("the router's classifier is still starting (embedding its exemplars); waiting for it")
                 time.sleep(min(max(float(exc.response.headers.get("retry-after") or 2), 0.5), 10.0))
 

@@ -55,7 +55,7 @@ class VLLMEngine:
 
         info = inspect_model(model_dir)  # the same clear errors as the transformers engine, from headers alone
         self._order = parameter_order(model_dir)
-        self._staging: tuple[Bases, dict[str, torch.Tensor], torch.device] | None = None
+        self._staging: tuple[Bases, dict[str, torch.Tensor]] | None = None
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self._sampling = SamplingParams
         self.llm = LLM(
@@ -79,11 +79,12 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def load_genome(self, bases: Bases, genome: torch.Tensor) -> None:
-        """Materialise into one staging buffer kept across children, then hand it over: allocating (and
-        page-faulting) a fresh model-sized dict per child cost ~0.2 s of SmolLM2's ~0.7 s here. Reusing it is
-        safe: ``reload_weights`` has copied every tensor into the engine's own weights when it returns."""
-        if self._staging is None or self._staging[0] is not bases or self._staging[2] != bases.device:
-            self._staging = (bases, {k: torch.empty_like(v) for k, v in bases.base.items()}, bases.device)
+        """Materialise into one staging buffer kept across children, then hand it over: allocating a fresh
+        model-sized dict per child cost ~0.2 s of SmolLM2's ~0.7 s here. Reusing it is safe: ``reload_weights``
+        has copied every tensor into the engine's own weights when it returns (and ``materialise_into`` writes
+        correctly into tensors on any device, should the bases move)."""
+        if self._staging is None or self._staging[0] is not bases:
+            self._staging = (bases, {k: torch.empty_like(v) for k, v in bases.base.items()})
         staging = self._staging[1]
         bases.materialise_into(genome.to(bases.device), staging)
         self.load_state_dict(staging)
