@@ -36,8 +36,6 @@ def _measure(run: Path, mode: str, children: int) -> dict:
     from evolve.run import Evolution, load_run_config
 
     ev = Evolution(run, load_run_config(run), resume=True)
-    if ev.config.engine != "vllm":
-        raise SystemExit(f"{run} was evolved on the {ev.config.engine} engine; this benchmark needs a vllm run")
     ids = sorted(ev.state.genomes)[:children]
     ev.score(ev.state.genomes[ids[0]])  # warm
     ev.timings.clear()
@@ -72,6 +70,11 @@ def main() -> None:
         return
     if not (args.run / "run.json").is_file():
         raise SystemExit(f"{args.run} is not a run directory (no run.json): run `cycleqd-evolve run` or `make real`")
+    from evolve.run import load_run_config
+
+    engine = load_run_config(args.run).engine  # checked here, before two engines are built for nothing
+    if engine != "vllm":
+        raise SystemExit(f"{args.run} was evolved on the {engine} engine; this benchmark needs a vllm run")
     console = Console()
     res = {}
     for mode in MODES:
