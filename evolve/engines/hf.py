@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from evolve.evaluators.base import cut_at_stop
 from evolve.genome import Bases
 from evolve.models.hf import Device, DType, load_hf
 
@@ -26,6 +27,17 @@ def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
     """
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def conversation_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of a whole conversation through the tokenizer's chat template, ready for the next assistant turn
+    (multi-turn episodes: both engines feed these exact ids)."""
+    ids = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
     )
     if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
@@ -85,16 +97,29 @@ class TransformersEngine:
         """Materialise ``genome`` straight into this engine's parameters (no reallocation per child)."""
         bases.to(self.device).materialise_into(genome, self.state_dict())
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, chat: bool = False) -> list[str]:
-        """Greedy completions, in the order of ``prompts``; generation stops at EOS."""
+    def generate(
+        self, prompts: Sequence[str], *, max_new_tokens: int, chat: bool = False, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """Greedy completions, in the order of ``prompts``; generation stops at EOS, the text at ``stop``."""
         ids = self.generate_ids(prompts, max_new_tokens=max_new_tokens, chat=chat)
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [cut_at_stop(t, stop) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    @torch.no_grad()
+    def generate_chat(
+        self, conversations: Sequence[Sequence[Mapping[str, str]]], *, max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """The next assistant turn of each conversation (multi-turn episodes), greedy, in one batch."""
+        encoded = [conversation_ids(self.tokenizer, c) for c in conversations]
+        ids = self._generate_encoded(encoded, max_new_tokens=max_new_tokens)
+        return [cut_at_stop(t, stop) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
     def generate_ids(self, prompts: Sequence[str], *, max_new_tokens: int, chat: bool = False) -> list[list[int]]:
         """Greedy new token ids per prompt (EOS excluded), in the order of ``prompts``."""
+        return self._generate_encoded(prompt_ids(self.tokenizer, prompts, chat=chat), max_new_tokens=max_new_tokens)
+
+    @torch.no_grad()
+    def _generate_encoded(self, encoded: Sequence[list[int]], *, max_new_tokens: int) -> list[list[int]]:
         tok = self.tokenizer
-        encoded = prompt_ids(tok, prompts, chat=chat)
+        prompts = encoded
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         out: list[list[int]] = [[] for _ in prompts]
         eos = sorted(self._eos)

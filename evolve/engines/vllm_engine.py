@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from evolve.engines.hf import prompt_ids
+from evolve.engines.hf import conversation_ids, prompt_ids
+from evolve.evaluators.base import cut_at_stop
 from evolve.genome import Bases
 from evolve.models.hf import DType, inspect_model, parameter_order, resolve_dtype
 
@@ -66,6 +67,10 @@ class VLLMEngine:
             seed=seed,
         )
 
+    @property
+    def max_model_len(self) -> int:
+        return int(self.llm.llm_engine.model_config.max_model_len)
+
     def load_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Write full weights (Hugging Face names) into the running engine."""
         missing = set(self._order) - weights.keys()
@@ -89,9 +94,28 @@ class VLLMEngine:
         bases.materialise_into(genome.to(bases.device), staging)
         self.load_state_dict(staging)
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, chat: bool = False) -> list[str]:
+    def generate(
+        self, prompts: Sequence[str], *, max_new_tokens: int, chat: bool = False, stop: Sequence[str] = ()
+    ) -> list[str]:
         """Greedy completions from the same token ids the transformers engine feeds (see ``prompt_ids``)."""
-        params = self._sampling(temperature=0.0, max_tokens=max_new_tokens)
-        ids = prompt_ids(self.tokenizer, prompts, chat=chat)
-        outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
-        return [o.outputs[0].text for o in outs]
+        return self._generate_ids(prompt_ids(self.tokenizer, prompts, chat=chat), max_new_tokens, stop)
+
+    def generate_chat(
+        self, conversations: Sequence[Sequence[Mapping[str, str]]], *, max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """The next assistant turn of each conversation in one batched call (multi-turn episodes)."""
+        return self._generate_ids([conversation_ids(self.tokenizer, c) for c in conversations], max_new_tokens, stop)
+
+    def _generate_ids(self, ids: Sequence[list[int]], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
+        # vLLM cuts at ``stop`` itself (and stops generating there); the cut is applied again so that both
+        # engines return exactly the same text for the same tokens.
+        # A prompt that leaves no room in the context (a long episode) gets an empty turn instead of vLLM's
+        # error for the whole batch: the episode then ends as one the model gave up on.
+        room = self.max_model_len - 1
+        fits = [i for i, p in enumerate(ids) if len(p) < room]
+        params = self._sampling(temperature=0.0, max_tokens=max_new_tokens, stop=list(stop) or None)
+        outs = self.llm.generate([{"prompt_token_ids": ids[i]} for i in fits], params, use_tqdm=False)
+        texts = [""] * len(ids)
+        for i, o in zip(fits, outs, strict=True):
+            texts[i] = cut_at_stop(o.outputs[0].text, stop)
+        return texts

