@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 import pytest
 
@@ -21,7 +22,7 @@ from evolve.evaluators.episodes import (
 class Counter:
     """An environment holding one number; ``add N`` changes it, ``show`` prints it."""
 
-    closed: list[Counter] = []
+    closed: ClassVar[list[Counter]] = []
 
     def __init__(self, start: int) -> None:
         self.value = start
@@ -154,7 +155,7 @@ def test_evaluate_uses_one_batched_chat_call_per_turn_and_keeps_transcripts():
     task = CounterTask(n=60)
 
     class Engine:
-        calls: list[int] = []
+        calls: ClassVar[list[int]] = []
 
         def generate_chat(self, conversations, *, max_new_tokens, stop=()):
             self.calls.append(len(conversations))
