@@ -78,30 +78,102 @@ def bootstrap(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Option(help="a model directory written by bootstrap (e.g. .cache/demo/models/base)")],
-    split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
-    limit: Annotated[int, typer.Option(min=1, help="items per skill")] = 200,
-    skill: Annotated[list[str] | None, typer.Option(help="skill to score (repeatable); default: all")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="a Hugging Face model directory to score (e.g. .cache/demo/models/base)")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML with a skills: mapping (a run config is one); default: the embedded skill world"),
+    ] = None,
+    skill: Annotated[
+        list[str] | None, typer.Option(help="skill to score (repeatable); default: all configured")
+    ] = None,
+    split: Annotated[
+        str, typer.Option(help="train, calibration, validation, test, or all (every item; benchmark skills)")
+    ] = "test",
+    limit: Annotated[int, typer.Option(min=1, help="items per skill (all of the split when it has fewer)")] = 200,
     seed: Annotated[int, typer.Option(help="seed of the item draw")] = 0,
+    answers: Annotated[
+        Path | None,
+        typer.Option(
+            help="grade these answers instead of a model: HumanEval samples ({task_id, completion} lines) for "
+            "humaneval, {task_id, actions: [...]} lines for episode skills"
+        ),
+    ] = None,
+    gold: Annotated[bool, typer.Option(help="grade the benchmark's reference solutions (the gold control)")] = False,
+    out: Annotated[Path | None, typer.Option(help="per-item results as JSONL (transcripts for episodes)")] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="transformers | vllm (default: the config's engine, else transformers)")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16, float16 or auto (default: the config's)")
+    ] = None,
 ) -> None:
-    """Score one model directory on the skill world, one row per skill."""
+    """Score one model (or an answers file, or the reference solutions) on configured skills: one row per skill,
+    and with --out one JSONL line per item."""
     from rich.table import Table
 
-    from evolve.engines.hf import TransformersEngine
-    from evolve.evaluators import SKILL_NAMES, SPLITS, get_skill
+    from evolve.evaluators import SPLITS
+    from evolve.scoring import (
+        SkillsFile,
+        build_skill,
+        load_skills,
+        read_answers,
+        score_answers,
+        score_gold,
+        score_model,
+        write_rows,
+    )
 
-    if split not in SPLITS:
-        raise typer.BadParameter(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}", param_hint="--split")
+    if split not in (*SPLITS, "all"):
+        raise typer.BadParameter(
+            f"unknown split {split!r}: expected one of {', '.join(SPLITS)}, all", param_hint="--split"
+        )
+    given = sum(x is not None and x is not False for x in (model, answers, gold or None))
+    if given != 1:
+        raise typer.BadParameter("give exactly one of --model, --answers and --gold", param_hint="--model")
+    if answers is not None and (not skill or len(skill) != 1):
+        raise typer.BadParameter("--answers grades one skill: name it with --skill", param_hint="--skill")
     with user_errors():
-        tasks = [get_skill(name) for name in (skill or SKILL_NAMES)]
-        engine = TransformersEngine.from_pretrained(model)
-    table = Table(title=f"{model} on {split} ({limit} items per skill)")
-    table.add_column("skill")
-    table.add_column("accuracy", justify="right")
-    for task in tasks:
-        result = task.evaluate(engine, split, limit, seed=seed)  # type: ignore[arg-type]
-        table.add_row(task.name, f"{100 * result.quality:.1f}")
+        skills = load_skills(config) if config else SkillsFile(skills=["code", "os", "db"])  # type: ignore[arg-type]
+        names = skill or list(skills.skills)
+        tasks = [build_skill(skills, name) for name in names]
+        rows_file = [read_answers(answers, tasks[0])] if answers is not None else None
+        eng = None
+        if model is not None:
+            eng = _engine(model, engine or skills.engine, dtype or skills.dtype)
+        what = str(model) if model else str(answers) if answers else "reference solutions"
+        table = Table(title=f"{what} on {split}" + ("" if answers else f" (up to {limit} items per skill)"))
+        table.add_column("skill")
+        table.add_column("items", justify="right")
+        table.add_column("score", justify="right")
+        rows: list[dict] = []
+        for task in tasks:
+            with console.status(f"scoring {task.name}"):
+                if rows_file is not None:
+                    scored = score_answers(task, rows_file[0], split)  # type: ignore[arg-type]
+                elif gold:
+                    scored = score_gold(task, split, limit, seed=seed)  # type: ignore[arg-type]
+                else:
+                    scored = score_model(task, eng, split, limit, seed=seed)  # type: ignore[arg-type]
+            rows += scored.rows
+            n = len(scored.result.scores)
+            table.add_row(task.name, str(n), f"{100 * scored.quality:.1f} ({sum(scored.result.scores):g}/{n})")
+        if out is not None:
+            write_rows(out, rows)
     console.print(table)
+    if out is not None:
+        console.print(f"per-item results: {out}")
+
+
+def _engine(model: Path, kind: str, dtype: str):
+    if kind == "vllm":
+        from evolve.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, dtype=dtype)
+    from evolve.engines.hf import TransformersEngine
+
+    return TransformersEngine.from_pretrained(model, dtype=dtype)
 
 
 @app.command()

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +23,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from cycleqd.atomic import atomic_file
+from cycleqd.errors import UserError
 from evolve.evaluators.base import Item, format_prompt
 
-Example = tuple[list[int], int]  # token ids, number of prompt tokens
+#: The version of the training recipe implemented here and in evolve/models/tokenizer.py: :func:`train` (batch
+#: sampling, loss masking, optimizer, schedule, clipping), :func:`encode` and ``train_tokenizer``. Every saved
+#: model records it, and bootstrap and finetune reuse a saved model only when it matches (besides the config and
+#: the digests of the encoded training data), so BUMP IT WITH ANY CHANGE AFTER WHICH RETRAINING WOULD GIVE A
+#: DIFFERENT MODEL; models trained before are then retrained instead of passing as current. (Changes to the
+#: data or its encoding also show in the data digests; the version catches those that do not.)
+TRAINER_VERSION = 1
+
+#: Token ids and what is trained on: the number of prompt tokens (loss on everything after them: single-turn
+#: items) or a 0/1 mask per token (loss on the assistant turns of a multi-turn conversation only).
+Example = tuple[list[int], int | list[int]]
 PromptFormat = Literal["raw", "chat"]
 
 
@@ -68,6 +78,39 @@ def encode(tokenizer: Any, items: Sequence[Item], *, prompt_format: PromptFormat
         prompts = tokenizer([format_prompt(i.prompt) for i in items])["input_ids"]
         answers = tokenizer([" " + i.answer for i in items], add_special_tokens=False)["input_ids"]
     return [(p + a + [eos], len(p)) for p, a in zip(prompts, answers, strict=True)]
+
+
+def _template_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+    )
+    if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def encode_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> Example:
+    """A whole multi-turn conversation (a gold trajectory) through the chat template, the loss on the assistant
+    turns only: what the model must learn is its actions and answers, never the environment's observations.
+
+    Each assistant turn's tokens are those its message adds to the conversation before it (rendered with the
+    generation prompt, exactly as an engine feeds it), so training sees the very ids generation will.
+    """
+    ids = _template_ids(tokenizer, messages, generation_prompt=False)
+    mask = [0] * len(ids)
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _template_ids(tokenizer, messages[:k], generation_prompt=True)
+        upto = _template_ids(tokenizer, messages[: k + 1], generation_prompt=False)
+        if upto[: len(before)] != before or ids[: len(upto)] != upto:
+            raise ValueError(
+                "the tokenizer's chat template does not render a conversation as a prefix of its continuation; "
+                "multi-turn fine-tuning needs one that does (ChatML-style templates do)"
+            )
+        for j in range(len(before), len(upto)):
+            mask[j] = 1
+    return ids, mask
 
 
 @dataclass
@@ -135,9 +178,13 @@ def train(
         input_ids = torch.full((len(batch), width), pad_id)
         labels = torch.full((len(batch), width), -100)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, n_prompt) in enumerate(batch):
+        for row, (ids, trained) in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+            if isinstance(trained, int):  # the number of prompt tokens: the answer after them is trained on
+                labels[row, trained : len(ids)] = torch.tensor(ids[trained:])
+            else:  # a per-token mask (the assistant turns of a conversation)
+                keep = torch.tensor(trained, dtype=torch.bool)
+                labels[row, : len(ids)] = torch.where(keep, torch.tensor(ids), torch.tensor(-100))
             mask[row, : len(ids)] = 1
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
@@ -160,7 +207,7 @@ def train(
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed; the message names the file."""
 
 
@@ -185,14 +232,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, state: LoopState, meta: 
         "param_groups": opt["param_groups"],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"loop": json.dumps(loop)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"loop": json.dumps(loop)})
 
 
 def checkpoint_meta(path: Path) -> dict[str, Any]:

@@ -60,6 +60,6 @@ def test_evaluate_scores_a_model(tmp_path, tiny_model, tiny_tokenizer):
     save_model(tiny_model, tiny_tokenizer, tmp_path / "m", {"role": "base"})
     out = cli("evaluate", "--model", str(tmp_path / "m"), "--limit", "5", "--skill", "db", "--skill", "os")
     assert out.returncode == 0, out.stderr
-    assert "db" in out.stdout and "os" in out.stdout and "code" not in out.stdout.split("accuracy")[-1]
+    assert "db" in out.stdout and "os" in out.stdout and "code" not in out.stdout.split("score")[-1]
     out = cli("evaluate", "--model", str(tmp_path / "m"), "--skill", "chess")
-    assert out.returncode == 2 and "unknown skill 'chess'" in out.stderr
+    assert out.returncode == 2 and "--skill 'chess': not configured" in out.stderr and "code, os, db" in out.stderr
