@@ -10,6 +10,10 @@ from their posteriors, so a near-equal keeps getting a share of traffic and can 
 
 Reads never touch the store on the request path: the evidence is cached here, updated at once by this router's own
 feedback and re-read from a shared store every ``sync_s`` (``keep_in_sync``, a task of the app's lifespan).
+
+``store: memory`` is the router's memory: in one process a dict; with ``--workers N`` a SQLite file in the
+supervisor's private state directory (``router.workers.shared_feedback_file``, removed at exit), since a feedback
+may reach another worker than the one that answered, and every worker must learn from all of them.
 """
 
 from __future__ import annotations
@@ -43,25 +47,36 @@ from serve.manifest import EliteEntry, ServingManifest
 
 log = logging.getLogger("cycleqd.router")
 
-#: A shared store's miss is retried after these pauses before the answer is 404: the replica that answered the
-#: request writes its attribution within milliseconds, but the agent may be faster.
-RETRY_UNKNOWN_S = (0.05, 0.1, 0.2, 0.4)
+#: A shared store's miss is retried after these pauses (1.55 s in all; awaited, no thread is held) before the answer
+#: is 404: the worker or replica that answered writes its attribution within milliseconds, but the agent may be
+#: faster, and a busy event loop slower.
+RETRY_UNKNOWN_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 #: A feedback body is a few ids and a number.
 MAX_FEEDBACK_BYTES = 16_384
 _FIELDS = {"request_id", "session_id", "score"}
 
 
 def open_store(policy: FeedbackPolicy) -> Store:
+    """The policy's store. ``memory`` in a worker of ``--workers N``: the workers' shared SQLite file (see the
+    module's doc), bounded like the memory store by ``max_attributions``."""
+    if policy.store == "memory":
+        from router.workers import shared_feedback_file
+
+        shared = shared_feedback_file()
+        if shared is None:
+            return MemoryStore(policy.max_attributions)
+        try:
+            return SQLiteStore(shared, policy.namespace, max_entries=policy.max_attributions)
+        except Exception as exc:  # sqlite3.Error, OSError: the state directory is not writable
+            raise ConfigError(f"feedback.store memory: cannot open the workers' shared file {shared} ({exc})") from exc
     if policy.store == "sqlite":
         assert policy.path is not None  # the policy's validator makes sure
         try:
             return SQLiteStore(policy.path, policy.namespace)
         except Exception as exc:  # sqlite3.Error, OSError: a path that cannot be a database
             raise ConfigError(f"feedback.path {policy.path}: cannot open the SQLite feedback store ({exc})") from exc
-    if policy.store == "redis":
-        assert policy.redis_url is not None
-        return RedisStore(policy.redis_url, policy.namespace)
-    return MemoryStore(policy.max_attributions)
+    assert policy.store == "redis" and policy.redis_url is not None  # the policy's validator makes sure
+    return RedisStore(policy.redis_url, policy.namespace)
 
 
 def increments(served: Served, score: float) -> Evidence:
@@ -126,19 +141,39 @@ class Feedback:
 
     # -- the store, off the event loop -----------------------------------------------------------------------
     def rate(self, request_id: str | None, session_id: str | None, score: float) -> Served:
-        """Attribute a score to the request (or the session's latest request) and add it to the evidence. Blocking:
-        run it in a thread. APIError 404 for an unknown request, 409 for one already rated; nothing is stored then.
-        """
+        """Attribute a score to the request (or the session's latest request) and add it to the evidence. Blocking
+        (benchmarks, tests; the endpoint uses ``rate_async``). APIError 404 for an unknown request, 409 for one
+        already rated; nothing is stored then."""
+        for delay in (*RETRY_UNKNOWN_S, None):
+            served = self._attempt(request_id, session_id, score, last=delay is None)
+            if served is not None:
+                return served
+            assert delay is not None
+            time.sleep(delay)  # another worker or replica may not have written its attribution yet
+        raise AssertionError("unreachable")
+
+    async def rate_async(self, request_id: str | None, session_id: str | None, score: float) -> Served:
+        """``rate`` for the event loop: each try in a thread, the pauses between them awaited (a miss holds no
+        thread of the pool that also runs the classifier and the store's sync)."""
+        for delay in (*RETRY_UNKNOWN_S, None):
+            served = await asyncio.to_thread(self._attempt, request_id, session_id, score, delay is None)
+            if served is not None:
+                return served
+            assert delay is not None
+            await asyncio.sleep(delay)  # another worker or replica may not have written its attribution yet
+        raise AssertionError("unreachable")
+
+    def _attempt(self, request_id: str | None, session_id: str | None, score: float, last: bool) -> Served | None:
+        """One try of ``rate`` (blocking): the request counted; None where a shared store does not know it (yet)
+        and this is not the ``last`` try; else APIError."""
         if self.store is None:
             raise APIError(404, "outcome feedback is off in the routing policy (feedback.enabled)", "feedback_disabled")
-        for delay in (*RETRY_UNKNOWN_S, None):
-            with self._lock:
-                self._flush()
-                served = self.store.claim(request_id, session_id)
-                if served is not None or delay is None or self.store.kind == "memory":
-                    return self._count(served, request_id, session_id, score)
-            time.sleep(delay)  # another replica may not have written its attribution yet
-        raise AssertionError("unreachable")
+        with self._lock:
+            self._flush()
+            served = self.store.claim(request_id, session_id)
+            if served is None and not last and self.store.kind != "memory":
+                return None
+            return self._count(served, request_id, session_id, score)
 
     def _count(
         self, served: Served | str | None, request_id: str | None, session_id: str | None, score: float
@@ -255,6 +290,8 @@ async def keep_in_sync(current: Callable[[], Feedback]) -> None:
         await asyncio.to_thread(fb.sync, load)
         if load:
             loaded = time.monotonic()
+        if fb.sync_error is not None:  # the store is down: the attributions stay queued; retry in sync_s, not at once
+            await asyncio.sleep(fb.policy.sync_s)
 
 
 def parse_feedback(body: Any) -> tuple[str | None, str | None, float]:
@@ -295,7 +332,7 @@ async def post_feedback(fb: Feedback, request: Request, metrics: Metrics) -> dic
                            "feedback_disabled")  # fmt: skip
         rid, sid, score = parse_feedback(parse_json(await read_body(request)))
         try:
-            served = await asyncio.to_thread(fb.rate, rid, sid, score)
+            served = await fb.rate_async(rid, sid, score)
         except APIError:
             raise
         except Exception as exc:  # the store is down: nothing was counted

@@ -1,5 +1,7 @@
-"""Where outcome feedback is kept: in memory (one process, lost at exit), in a SQLite file (one machine: survives a
-restart and is shared by every worker process on it), or in Redis (shared by router replicas on many machines).
+"""Where outcome feedback is kept: in memory (one router, lost at exit: one process's memory, or with ``--workers N``
+a SQLite file the workers share in the supervisor's private state directory), in a SQLite file (one machine:
+survives a restart and is shared by every worker process on it), or in Redis (shared by router replicas on many
+machines).
 
 A store holds two things:
 
@@ -130,7 +132,11 @@ class MemoryStore:
 class SQLiteStore:
     """A SQLite file in WAL mode: survives a restart, and several processes on one machine (router workers, or two
     routers) may share it; a writer waits for another's lock (``busy_timeout``) instead of failing. Each process
-    opens its own connection (re-opened after a fork, since a connection must not cross one)."""
+    opens its own connection (re-opened after a fork, since a connection must not cross one).
+
+    It is also what ``store: memory`` is with ``--workers N``: a file in the supervisor's private state directory
+    (removed at exit), shared by the workers (``router.feedback.open_store``), with ``max_entries`` attributions
+    at most (pruned once a minute, as expired ones are)."""
 
     kind = "sqlite"
 
@@ -148,8 +154,9 @@ class SQLiteStore:
     CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);
     """
 
-    def __init__(self, path: Path, namespace: str = "default") -> None:
+    def __init__(self, path: Path, namespace: str = "default", max_entries: int | None = None) -> None:
         self.path, self.ns = Path(path), namespace
+        self.max_entries = max_entries  # attributions kept beyond the TTL's pruning (None: the TTL alone)
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._pruned = 0.0
@@ -183,6 +190,18 @@ class SQLiteStore:
                 self._pruned = now
                 c.execute("DELETE FROM served WHERE expires < ?", (now,))
                 c.execute("DELETE FROM sessions WHERE expires < ?", (now,))
+                if self.max_entries is not None:  # and the oldest beyond max_entries (the memory store's LRU bound)
+                    keep = (self.ns, self.ns, self.max_entries - 1)  # older than the max_entries-th newest
+                    c.execute(
+                        "DELETE FROM served WHERE ns = ? AND expires < (SELECT expires FROM served WHERE ns = ? "
+                        "ORDER BY expires DESC LIMIT 1 OFFSET ?)",
+                        keep,
+                    )
+                    c.execute(
+                        "DELETE FROM sessions WHERE ns = ? AND expires < (SELECT expires FROM sessions WHERE ns = ? "
+                        "ORDER BY expires DESC LIMIT 1 OFFSET ?)",
+                        keep,
+                    )
 
     def claim(self, request_id: str | None, session_id: str | None) -> Served | str | None:
         now = time.time()

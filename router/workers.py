@@ -17,6 +17,10 @@ on the same socket). What makes the N processes one router:
   each worker writes its counts to its own files, and ``/metrics`` on any worker sums every worker's.
 - **session affinity**: already a pure function of the session key and the healthy elites (rendezvous
   hashing, ``router.selection``), so every worker picks the same elite, as separate replicas do.
+- **outcome feedback** with ``store: memory``: a feedback may reach another worker than the one that answered,
+  so the workers' "memory" is one SQLite file in the state directory (``shared_feedback_file``): any worker
+  attributes any answered request, rates it once, and reads every worker's evidence (``sqlite`` and ``redis``
+  are shared by nature).
 
 What stays per worker (see docs/workers.md): rate-limit buckets (each worker takes 1/N of the rate), the /ui
 page's recent decisions, circuit breakers, in-flight counts and the classifier (each builds its own).
@@ -61,6 +65,20 @@ POLICY_PATH_ENV = "CYCLEQD_ROUTER_POLICY_PATH"
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: How long the parent waits for every worker to finish its start-up before it gives up announcing the URL.
 STARTUP_TIMEOUT_S = 120.0
+#: What ``feedback.store: memory`` is with N workers: this file in the state directory, removed with it at exit.
+FEEDBACK_FILE = "feedback.sqlite"
+
+
+def shared_feedback_file() -> Path | None:
+    """In a worker of ``--workers N`` (N > 1): the SQLite file its ``feedback.store: memory`` lives in, shared by
+    every worker (one process's memory would 404 each feedback that reaches another worker than the one that
+    answered, and each worker would learn from its own share only). None in a single process."""
+    state = os.environ.get(STATE_ENV)
+    try:
+        count = int(os.environ.get(COUNT_ENV, "1"))
+    except ValueError:
+        return None
+    return Path(state) / FEEDBACK_FILE if state and count > 1 else None
 
 
 class WorkerSync:
@@ -273,6 +291,14 @@ def serve_workers(
     try:
         metrics_path, given = metrics_dir_for(root, user_dir)
         sync = WorkerSync(root, workers)
+        if router.policy.feedback.enabled and router.policy.feedback.store == "memory":
+            # the workers' shared "memory" (shared_feedback_file), created once here rather than by N at once
+            from router.feedback_stores import SQLiteStore
+
+            try:
+                SQLiteStore(root / FEEDBACK_FILE).close()
+            except Exception as exc:  # sqlite3.Error, OSError
+                raise ConfigError(f"feedback.store memory: cannot create the workers' shared file ({exc})") from exc
         sync.publish(router.policy)
         router.workers = sync
         os.environ.update({

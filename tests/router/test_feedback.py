@@ -296,3 +296,110 @@ def test_a_policy_reload_swaps_the_feedback_settings_and_keeps_the_sqlite_eviden
     router.policy_path.write_text(json.dumps(base))
     router.reload_policy()
     assert not router.feedback.enabled and first(router) == "coder"
+
+
+# -- several workers, a store that is down ---------------------------------------------------------------------
+def test_with_several_workers_the_memory_store_is_the_workers_shared_file(tmp_path, monkeypatch):
+    """``store: memory`` in a worker of ``--workers 2`` is the SQLite file in the supervisor's state directory, so two
+    workers' Feedback objects see each other's attributions, ratings and evidence; in one process it is a dict."""
+    from router.feedback import Feedback, open_store
+    from router.feedback_stores import MemoryStore
+    from router.workers import COUNT_ENV, FEEDBACK_FILE, STATE_ENV, shared_feedback_file
+
+    policy = RoutingPolicy.model_validate({"feedback": {"enabled": True}}).feedback
+    monkeypatch.delenv(STATE_ENV, raising=False)
+    assert shared_feedback_file() is None and isinstance(open_store(policy), MemoryStore)
+    monkeypatch.setenv(STATE_ENV, str(tmp_path))
+    monkeypatch.setenv(COUNT_ENV, "1")
+    assert shared_feedback_file() is None
+    monkeypatch.setenv(COUNT_ENV, "2")
+    assert shared_feedback_file() == tmp_path / FEEDBACK_FILE
+    one, two = Feedback(policy), Feedback(policy)  # two workers
+    assert isinstance(one.store, SQLiteStore) and one.store.path == tmp_path / FEEDBACK_FILE
+    assert one.store.max_entries == policy.max_attributions
+    one.remember("r1", "ep", "coder", {"code": 1.0})
+    one.sync()  # what keep_in_sync does within milliseconds of the answer
+    assert two.rate("r1", None, 0.0).elite == "coder"
+    with pytest.raises(Exception, match="already been rated"):
+        one.rate(None, "ep", 1.0)
+    one.sync()
+    assert one.evidence == two.evidence == {("coder", "code"): (0.0, 1.0)}
+    assert one.stats(None)["store"] == "memory"
+    one.close()
+    two.close()
+
+
+def test_the_shared_sqlite_file_keeps_at_most_max_entries_attributions(tmp_path):
+    store = SQLiteStore(tmp_path / "f.sqlite", max_entries=3)
+    for i in range(6):
+        store._pruned = 0.0  # as if a minute had passed: the pruning runs with this write
+        store.put_served([(Served(f"r{i}", "coder", {"code": 1.0}), f"s{i}")], 60 + i)
+    assert [store.claim(f"r{i}", None) for i in range(3)] == [None, None, None]  # the oldest went
+    assert all(isinstance(store.claim(None, f"s{i}"), Served) for i in range(3, 6))
+    assert isinstance(SQLiteStore(tmp_path / "g.sqlite").conn(), object)  # no bound: the TTL alone (as before)
+
+
+def test_a_feedback_that_overtakes_the_answering_workers_write_waits_for_it_without_holding_a_thread(tmp_path):
+    """Worker one answered (its attribution still queued); the feedback reaches worker two first. Two retries on,
+    worker one has written it: found, not 404, and the pauses between tries were awaited, not slept in a thread."""
+    import asyncio
+
+    from router.feedback import Feedback
+
+    policy = RoutingPolicy.model_validate(
+        {"feedback": {"enabled": True, "store": "sqlite", "path": str(tmp_path / "f.sqlite")}}
+    ).feedback
+    one, two = Feedback(policy), Feedback(policy)
+    one.remember("late", None, "coder", {"code": 1.0})
+    threads: list[int] = []
+
+    async def main() -> Served:
+        async def answering_worker() -> None:
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(one.sync, False)
+
+        attempt = two._attempt
+
+        def counted(*args):
+            threads.append(1)
+            return attempt(*args)
+
+        two._attempt = counted  # type: ignore[method-assign]
+        writer = asyncio.create_task(answering_worker())
+        served = await two.rate_async("late", None, 1.0)
+        await writer
+        return served
+
+    assert asyncio.run(main()).elite == "coder"
+    assert 2 <= len(threads) <= 5  # a try per pause, not a thread sleeping through them
+    with pytest.raises(Exception, match="no answered request") as err:
+        asyncio.run(two.rate_async("never", None, 1.0))
+    assert err.value.status == 404  # type: ignore[attr-defined]
+
+
+def test_a_store_that_is_down_is_retried_every_sync_s_not_in_a_busy_loop(tmp_path):
+    import asyncio
+
+    from router.feedback import Feedback, keep_in_sync
+
+    policy = RoutingPolicy.model_validate(
+        {"feedback": {"enabled": True, "store": "sqlite", "path": str(tmp_path / "f.sqlite"), "sync_s": 0.2}}
+    ).feedback
+    fb = Feedback(policy)
+    calls = []
+
+    def down(items, ttl_s):
+        calls.append(1)
+        raise ConnectionError("the store is down")
+
+    fb.store.put_served = down  # type: ignore[union-attr,method-assign]
+    fb.remember("r", None, "coder", {"code": 1.0})
+
+    async def main() -> None:
+        task = asyncio.create_task(keep_in_sync(lambda: fb))
+        await asyncio.sleep(1.0)
+        task.cancel()
+
+    asyncio.run(main())
+    assert 2 <= len(calls) <= 8, len(calls)  # about one try per sync_s
+    assert fb.sync_error == "ConnectionError: the store is down" and len(fb.pending) == 1  # kept for later

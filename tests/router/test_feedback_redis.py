@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -162,6 +163,15 @@ def test_two_router_processes_share_feedback_through_redis(tmp_path, redis_url):
         assert httpx.post(f"{one.url}/v1/feedback", json={"request_id": rid, "score": 1}).status_code == 200
         again = httpx.post(f"{two.url}/v1/feedback", json={"request_id": rid, "score": 1})
         assert again.status_code == 409 and again.json()["error"]["code"] == "already_rated"
+
+        # a burst, each answer of one rated on two the moment it arrives (overtaking one's write): none is lost
+        def answer_then_rate(_: int) -> httpx.Response:
+            rid = chat_code(one.url).headers["x-request-id"]
+            return httpx.post(f"{two.url}/v1/feedback", json={"request_id": rid, "score": 1}, timeout=30)
+
+        with ThreadPoolExecutor(8) as pool:
+            burst = list(pool.map(answer_then_rate, range(24)))
+        assert [r.status_code for r in burst] == [200] * 24, [r.text for r in burst if r.status_code != 200]
     finally:
         one.stop()
         two.stop()

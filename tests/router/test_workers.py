@@ -238,3 +238,43 @@ def test_one_socket_per_worker_on_one_port_and_a_port_in_use_is_refused():
     finally:
         for s in group:
             s.close()
+
+
+def rate(url: str, **body: Any) -> httpx.Response:
+    """A feedback on a fresh connection: any worker may accept it."""
+    return httpx.post(f"{url}/v1/feedback", json=body, timeout=30, trust_env=False)
+
+
+def test_feedback_with_the_memory_store_is_never_lost_whichever_worker_takes_it(tmp_path, upstreams):
+    """The issue's case: ``feedback: {enabled: true}`` (store memory, the default) and two workers. Every answer is
+    rated on a fresh connection (so the other worker takes about half of them): all are found, each counts once
+    whichever worker takes the second try, a session's latest request is found too, and every worker ends up with
+    the evidence of all of them (the workers share one store, not one process's memory)."""
+    code = {"x-cycleqd-skill-weights": "code=1"}
+    with WorkerServer(tmp_path, upstreams, feedback={"enabled": True, "prior_strength": 4, "sync_s": 0.2}) as s:
+        answers = many(s.url, 24, "auto", **code)
+        assert all(r.status_code == 200 and r.headers["x-cycleqd-elite"] == "coder" for r in answers)
+        assert len([n for n in s.served().values() if n]) == 2  # both workers answered some
+        with ThreadPoolExecutor(8) as pool:
+            rated = list(pool.map(lambda r: rate(s.url, request_id=r.headers["x-request-id"], score=0), answers))
+        assert [r.status_code for r in rated] == [200] * len(answers), [r.text for r in rated if r.status_code != 200]
+        assert {r.json()["elite"] for r in rated} == {"coder"}
+        again = [rate(s.url, request_id=r.headers["x-request-id"], score=1) for r in answers[:8]]
+        assert {r.status_code for r in again} == {409}, [r.text for r in again]
+        for episode in range(6):
+            last = post(s.url, "auto", **code, **{"x-session-id": f"ep-{episode}"})
+            ok = rate(s.url, session_id=f"ep-{episode}", score=1)
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["request_id"] == last.headers["x-request-id"]
+        deadline = time.monotonic() + 20
+        while True:  # each look on a fresh connection: both workers must see all 24 + 6 outcomes
+            looks = [httpx.get(f"{s.url}/v1/feedback", trust_env=False).json() for _ in range(8)]
+            # (the failures moved code away from coder: the sessions' requests went to another elite)
+            counts = {
+                tuple(sum(e["code"][k] for e in x["elites"].values()) for k in ("failures", "successes")) for x in looks
+            }
+            if counts == {(24.0, 6.0)}:
+                break
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.2)
+        assert {x["store"] for x in looks} == {"memory"}
