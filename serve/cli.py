@@ -37,19 +37,13 @@ OutOpt = Annotated[Path | None, typer.Option("--out", help="output directory (ov
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Bad input ends the command with its message and exit code 2; anything else keeps its traceback."""
-    from evolve.config import ConfigError
-    from evolve.genome import BasisError
-    from evolve.models.modeling import ModelError
-    from evolve.run import RunError
-    from serve.manifest import ManifestError
-    from serve.materialise import MaterialiseError
-    from serve.plan import PlanError
-    from serve.supervisor import ServeError
+    """Bad input (every ``cycleqd.errors.UserError``: a config, a run, a manifest, the engines) ends the command with
+    its message and exit code 2; anything else keeps its traceback."""
+    from cycleqd.errors import UserError
 
     try:
         yield
-    except (ConfigError, RunError, BasisError, ModelError, MaterialiseError, PlanError, ServeError, ManifestError) as e:
+    except UserError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
 
@@ -58,7 +52,7 @@ def load_config(path: Path | None, run: Path | None = None, out: Path | None = N
     """The config file (or the defaults), with command-line overrides validated like the file's own settings."""
     from pydantic import ValidationError
 
-    from evolve.configfile import ConfigError, load_yaml_model
+    from cycleqd.configfile import ConfigError, load_yaml_model
 
     cfg = load_yaml_model(path, ServeConfig) if path else ServeConfig()
     updates = {k: v for k, v in (("run", run), ("out", out), *more.items()) if v is not None}
@@ -345,6 +339,91 @@ def route_demo(
     console.print(table)
     summary = ", ".join(f"{s} {100 * sum(v) / len(v):.1f}%" for s, v in per_skill_scores.items())
     console.print(f"score per skill: {summary}")
+
+
+@app.command("route-episodes")
+def route_episodes(
+    config: Annotated[
+        Path, typer.Option(help="the run config whose skills: are routed (e.g. configs/agentbench-evolve.yaml)")
+    ],
+    url: Annotated[str, typer.Option(help="the router's OpenAI base URL")] = "http://127.0.0.1:8000/v1",
+    manifest: Annotated[
+        Path | None, typer.Option(help="the serving manifest, for the oracle (best served elite per skill on test)")
+    ] = None,
+    skill: Annotated[
+        list[str] | None, typer.Option(help="skill to route (repeatable); default: all configured")
+    ] = None,
+    per_skill: Annotated[int, typer.Option(min=1, help="held-out test episodes per skill")] = 1000,
+    seed: Annotated[int, typer.Option(help="which episodes when fewer than the split")] = 0,
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight at once (an agent fleet's load)")] = 8,
+    api_key: Annotated[str, typer.Option(envvar="CYCLEQD_API_KEY", help="router API key, if it needs one")] = "none",
+    out: Annotated[Path | None, typer.Option(help="JSON of every routed episode: elites per turn, transcript")] = None,
+    classifier_wait: Annotated[
+        float, typer.Option(min=0, help="seconds to wait for a starting router's classifier (503 classifier_starting)")
+    ] = 600,
+) -> None:
+    """Run held-out benchmark episodes through a running router as an agent would (model 'auto', the whole
+    conversation each turn), execute the returned actions here, grade them, and count episodes whose turns went
+    to more than one elite."""
+    import json
+
+    import openai
+
+    from evolve.evaluators.episodes import EpisodeTask
+    from evolve.scoring import build_skill, load_skills
+    from serve.manifest import load_manifest
+    from serve.route_episodes import asker, oracle, route_skill
+
+    with user_errors():
+        skills = load_skills(config)
+        tasks = [build_skill(skills, name) for name in (skill or list(skills.skills))]
+        for t in tasks:
+            if not isinstance(t, EpisodeTask):
+                raise typer.BadParameter(f"skill {t.name!r} is not an episode skill", param_hint="--skill")
+        served = load_manifest(manifest) if manifest else None
+    client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0)
+    ask = asker(client, classifier_wait=classifier_wait, notice=err.print)
+    routed = []
+    try:
+        for task in tasks:
+            items = task.episode_items("test", per_skill, seed=seed)  # type: ignore[union-attr]
+            with console.status(f"routing {len(items)} {task.name} episodes"):
+                routed.append(route_skill(task, items, ask, concurrency))  # type: ignore[arg-type]
+    except openai.APIError as exc:
+        err.print(f"[red]error:[/red] the router answered {exc}")
+        raise typer.Exit(1) from None
+    best = oracle(served, [r.skill for r in routed]) if served else {}
+    table = Table(title=f"held-out test episodes through {url} (model 'auto')")
+    for c in ("skill", "episodes", "routed", "oracle", "routed/oracle", "split across elites", "elites used"):
+        table.add_column(c, justify="right" if c != "skill" else "left")
+    for r in routed:
+        o = best.get(r.skill)
+        ratio = f"{100 * r.score / o:.1f}%" if o else "-"
+        used = sorted({e for turns in r.elites for e in turns})
+        table.add_row(
+            r.skill, str(len(r.transcripts)), f"{100 * r.score:.1f}", "-" if o is None else f"{100 * o:.1f}",
+            ratio, str(r.split), ", ".join(used),
+        )  # fmt: skip
+    console.print(table)
+    mean = sum(r.score for r in routed) / len(routed)
+    known = [best[r.skill] for r in routed if best.get(r.skill) is not None]
+    line = f"routed mean {100 * mean:.1f}; episodes split across elites: {sum(r.split for r in routed)}"
+    if len(known) == len(routed) and known:
+        omean = sum(known) / len(known)  # type: ignore[arg-type]
+        line += f"; oracle mean {100 * omean:.1f}; routed/oracle {100 * mean / omean:.1f}%" if omean else ""
+    console.print(line)
+    if out is not None:
+        from evolve.scoring import write_rows
+
+        write_rows(
+            out,
+            [
+                {"skill": r.skill, "elites": e, "reasons": why, **t.to_json()}
+                for r in routed
+                for t, e, why in zip(r.transcripts, r.elites, r.reasons, strict=True)
+            ],
+        )
+        console.print(f"routed episodes: {out} ({json.dumps({r.skill: r.split for r in routed})} split)")
 
 
 def main() -> None:
