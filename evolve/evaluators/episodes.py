@@ -25,9 +25,11 @@ split however the benchmark file is ordered.
 from __future__ import annotations
 
 import random
+import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -144,6 +146,7 @@ class EpisodeTask(Evaluator):
     def __init__(self) -> None:
         self._pools: dict[Split, list[EpisodeItem]] | None = None
         self.last_transcripts: list[Transcript] = []
+        self.last_timings: dict[str, float] = {}
 
     # -- what each benchmark defines -----------------------------------------------------------------------
     @abstractmethod
@@ -226,8 +229,10 @@ class EpisodeTask(Evaluator):
         return result_of(self.name, split, transcripts)
 
     def run(self, items: Sequence[EpisodeItem], policy: Policy) -> list[Transcript]:
-        """Episodes of ``items`` under ``policy``; see :func:`run_episodes`."""
-        self.last_transcripts = run_episodes(self, items, policy)
+        """Episodes of ``items`` under ``policy``; see :func:`run_episodes`. Seconds per phase of the last run
+        are in ``last_timings`` (what ``benchmarks/bench_episodes.py`` reports)."""
+        self.last_timings = {}
+        self.last_transcripts = run_episodes(self, items, policy, self.last_timings)
         return self.last_transcripts
 
     def replay(self, items: Sequence[EpisodeItem], actions: Sequence[Sequence[str]]) -> list[Transcript]:
@@ -280,18 +285,25 @@ def scripted_policy(actions: Sequence[Sequence[str]]) -> Policy:
     return policy
 
 
-def run_episodes(task: EpisodeTask, items: Sequence[EpisodeItem], policy: Policy) -> list[Transcript]:
+def run_episodes(
+    task: EpisodeTask, items: Sequence[EpisodeItem], policy: Policy, timings: dict[str, float] | None = None
+) -> list[Transcript]:
     """Run one episode per item, all live episodes advancing one turn per policy call; never raises because of
-    what a model says. Environments are opened lazily and always closed."""
+    what a model says. Environments are opened lazily and always closed. ``timings``, when given, accumulates
+    seconds per phase: ``setup`` (opening and closing environments), ``generation`` (the policy), ``environment``
+    (executing actions) and ``grading``."""
+    clock = timings if timings is not None else {}
     live = [_Live(i, item, Transcript(item.id, [dict(m) for m in task.messages(item)])) for i, item in enumerate(items)]
     pool = ThreadPoolExecutor(max_workers=max(1, task.workers))
     try:
-        _map(pool, lambda ep: _open(task, ep), live)
+        with _timed(clock, "setup"):
+            _map(pool, lambda ep: _open(task, ep), live)
         active = [ep for ep in live if ep.transcript.status != "error"]
         for _turn in range(task.max_turns):
             if not active:
                 break
-            replies = policy([ep.index for ep in active], [ep.transcript.messages for ep in active])
+            with _timed(clock, "generation"):
+                replies = policy([ep.index for ep in active], [ep.transcript.messages for ep in active])
             if len(replies) != len(active):
                 raise RuntimeError(f"policy gave {len(replies)} replies for {len(active)} episodes")
             stepping = []
@@ -309,13 +321,25 @@ def run_episodes(task: EpisodeTask, items: Sequence[EpisodeItem], policy: Policy
                     ep.transcript.answer = action.content if action.kind == "answer" else None
                     if action.kind == "invalid":
                         ep.transcript.error = action.content
-            _map(pool, lambda pair: _step(task, *pair), stepping)
+            with _timed(clock, "environment"):
+                _map(pool, lambda pair: _step(task, *pair), stepping)
             active = [ep for ep, _ in stepping if ep.transcript.status != "error"]
-        _map(pool, lambda ep: _grade(task, ep), live)
+        with _timed(clock, "grading"):
+            _map(pool, lambda ep: _grade(task, ep), live)
     finally:
-        _map(pool, _close, live)
+        with _timed(clock, "setup"):
+            _map(pool, _close, live)
         pool.shutdown(wait=True)
     return [ep.transcript for ep in live]
+
+
+@contextmanager
+def _timed(clock: dict[str, float], phase: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        clock[phase] = clock.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def _map(pool: ThreadPoolExecutor, fn: Callable[[Any], None], xs: Iterable[Any]) -> None:

@@ -171,6 +171,8 @@ def test_evaluate_uses_one_batched_chat_call_per_turn_and_keeps_transcripts():
     assert result.transcripts and all(isinstance(t, Transcript) for t in result.transcripts)
     assert result.quality == pytest.approx(sum(result.scores) / len(result.scores))
     assert result.transcripts[0].to_json()["messages"][-1]["role"] == "assistant"
+    assert set(task.last_timings) == {"setup", "generation", "environment", "grading"}
+    assert all(v >= 0 for v in task.last_timings.values())
 
 
 def test_an_engine_without_chat_is_refused_with_the_reason():
