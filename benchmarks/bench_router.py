@@ -1,6 +1,6 @@
 """What the router adds: latency over calling the upstream directly, requests/s, classifier latency. One run.
 
-A fast fake upstream (``router.testing.FakeUpstream``) and the router (``cycleqd-router serve``) run as separate
+A fast fake upstream (``testkit.router_fakes.FakeUpstream``) and the router (``cycleqd-router serve``) run as separate
 processes; this process drives both with httpx at concurrency 1 and 64, streaming and not, and measures the time
 to the first byte (response headers, or the first chunk of a stream) and the total. The router routes by alias
 (``coder``), so the classifier is not in the path; its latency is measured on its own. All on this machine's cores,
@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _testkit  # noqa: F401  (testkit/ on sys.path and PYTHONPATH)
 import httpx
 import yaml
 from rich.console import Console
@@ -89,8 +90,8 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-router-"))
     up = subprocess.Popen(
-        [sys.executable, "-c", "from router.testing import FakeUpstream; import time; u = FakeUpstream().start(); "
-         "print(u.port, flush=True); time.sleep(1e9)"],
+        [sys.executable, "-c", "from testkit.router_fakes import FakeUpstream; import time; u = FakeUpstream().start();"
+         " print(u.port, flush=True); time.sleep(1e9)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     port = int(up.stdout.readline())  # type: ignore[union-attr]

@@ -1,6 +1,6 @@
 """``cycleqd-router serve --workers N``: requests/s and CPU ms per request for 1, 2 and 4 workers. One run.
 
-Three processes besides the router's: the fake upstream (``router.testing.FakeUpstream``, its own process so it
+Three processes besides the router's: the fake upstream (``testkit.router_fakes.FakeUpstream``, its own process so it
 does not share a GIL with anything), this load generator (httpx, one asyncio loop, ``--concurrency`` requests in
 flight on as many keep-alive connections) and the router (``python -m router.cli serve --workers N``: a
 supervisor and N workers). Each round starts a router per worker count, warms it up, then times
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _testkit  # noqa: F401  (testkit/ on sys.path and PYTHONPATH)
 import httpx
 import psutil
 import yaml
@@ -42,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reliability_router import free_port, pct
 
 UPSTREAM = (
-    "from router.testing import FakeUpstream; import time; u = FakeUpstream().start(); print(u.port, flush=True); "
-    "time.sleep(1e9)"
+    "from testkit.router_fakes import FakeUpstream; import time; u = FakeUpstream().start(); print(u.port, flush=True);"
+    " time.sleep(1e9)"
 )
 
 

@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+import _testkit  # noqa: F401  (testkit/ on sys.path and PYTHONPATH)
 import httpx
 import psutil
 import yaml
@@ -40,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reliability_router import PASSTHROUGH, free_port
 
 from evolve.run import EvolveConfig
-from router.testing import FakeUpstream
 from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 from serve.materialise import skill_exemplars
+from testkit.router_fakes import FakeUpstream
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "SELECT the names of all employees"}]}
 

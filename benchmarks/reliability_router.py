@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _testkit  # noqa: F401  (testkit/ on sys.path and PYTHONPATH)
 import httpx
 import psutil
 import yaml
@@ -197,8 +198,8 @@ def main() -> None:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     procs: list[subprocess.Popen] = []
     up = subprocess.Popen(
-        [sys.executable, "-c", "from router.testing import FakeUpstream; import time; u = FakeUpstream().start(); "
-         "print(u.port, flush=True); time.sleep(1e9)"],
+        [sys.executable, "-c", "from testkit.router_fakes import FakeUpstream; import time; u = FakeUpstream().start();"
+         " print(u.port, flush=True); time.sleep(1e9)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     procs.append(up)

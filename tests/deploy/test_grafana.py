@@ -13,7 +13,7 @@ import pytest
 
 from router.app import Router
 from router.policy import RoutingPolicy
-from router.testing import FakeUpstream
+from testkit.router_fakes import FakeUpstream
 from tests.router.conftest import RunningRouter, write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ import uvicorn
 
 from router.app import Router, create_app
 from router.policy import RoutingPolicy
-from router.testing import FakeUpstream
+from testkit.router_fakes import FakeUpstream
 from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 
 SKILLS = ["code", "os", "db"]

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from router.testing import ToolCall, ToolScript
+from testkit.router_fakes import ToolCall, ToolScript
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network here: litellm's bundled cost map
 

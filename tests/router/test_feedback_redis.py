@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from router.feedback_stores import ALREADY_RATED, RedisStore, Served
-from router.testing import FakeUpstream
+from testkit.router_fakes import FakeUpstream
 from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 from tests.router.conftest import ELITES, SKILLS, free_port
 

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from router.testing import ToolCall, ToolScript
+from testkit.router_fakes import ToolCall, ToolScript
 from tests.router.conftest import ELITES, write_manifest
 
 SQL = "How many employees work in the sales department? Answer with one SQL query."
