@@ -272,12 +272,17 @@ def engine_policy(engine: Any, task: EpisodeTask) -> Policy:
 
 
 def scripted_policy(actions: Sequence[Sequence[str]]) -> Policy:
-    """Turns given in advance, per episode; an episode whose script is used up gives up (an empty turn)."""
+    """Turns given in advance, per episode; an episode whose script is used up gives up (an empty turn).
+
+    The turn is counted per episode by the policy itself (each live episode is asked once per turn), not read
+    from the conversation, whose opening may hold assistant turns of its own (AgentBench's one-shot examples)."""
+    asked: dict[int, int] = {}
 
     def policy(indices: Sequence[int], conversations: Sequence[Sequence[Message]]) -> list[str]:
         out = []
-        for i, conv in zip(indices, conversations, strict=True):
-            turn = sum(1 for m in conv if m["role"] == "assistant")
+        for i in indices:
+            turn = asked.get(i, 0)
+            asked[i] = turn + 1
             script = actions[i]
             out.append(script[turn] if turn < len(script) else "")
         return out

@@ -195,3 +195,15 @@ def test_gold_conversations_are_real_replays_that_score():
 def test_truncate():
     assert truncate("abc", 5) == "abc"
     assert truncate("abcdef", 2).startswith("ab\n[truncated: 4 more")
+
+
+def test_a_script_replays_from_its_first_turn_when_the_opening_holds_assistant_turns():
+    """AgentBench's openings hold one-shot assistant turns; a replay must not skip the script's first turn."""
+
+    class OneShot(CounterTask):
+        def messages(self, item):
+            return [*super().messages(item)[:1], {"role": "assistant", "content": "Ok."}, *super().messages(item)[1:]]
+
+    task = OneShot(n=20)
+    items = [i for i in task.pool("train") if i.id != "c7"][:3]
+    assert [t.score for t in task.replay(items, [task.gold(i) for i in items])] == [1.0] * len(items)
