@@ -7,6 +7,11 @@ engine with ``generate`` (``generate_until``), and over the transformers engine'
 ``loglikelihood`` (multiple-choice tasks); lm-eval's ``evaluate`` then runs the task's own prompts, filters and
 metrics, and its logged samples give the per-item scores that behaviour bins need.
 
+A ``!function`` metric (a Python function next to the YAML) is read under the function's name, as lm-eval logs
+it. A task marked ``unsafe_code`` is refused when the skill is built: lm-eval's code-executing metrics
+(``code_eval``) run the model's programs inside this process, unsandboxed; the ``humaneval`` kind and the ``jsonl``
+``python`` grader run them in a sandbox instead.
+
 Splits: the task's evaluation documents (its test split, else validation) are divided among our held-out
 splits by a stable hash of each document (calibration .25, validation .375, test .375: the world's .1/.15/.15
 renormalised); ``train`` is the task's training documents when it has them.
@@ -150,16 +155,38 @@ class LmEvalEvaluator(Evaluator):
             raise EvaluatorError(f"{field}: {spec.task!r} is a group of {len(loaded['tasks'])} tasks; name one task")
         self.task_dict = loaded
         ((self.task_name, self.task),) = loaded["tasks"].items()
+        if getattr(self.task, "UNSAFE_CODE", False) or getattr(self.task.config, "unsafe_code", False):
+            raise EvaluatorError(
+                f"{field}: lm-eval task {spec.task!r} is marked unsafe_code: its metric executes the model's code, "
+                "and lm-eval's code metrics (code_eval) run it inside this process, without a sandbox, so it is "
+                "refused; score code with the humaneval skill kind or a jsonl skill with grader: python "
+                "(sandbox: os runs whole programs in the OS sandbox)"
+            )
         docs = list(self.task.eval_docs)
         self.docs = docs
         self.doc_splits: dict[str, list[int]] = {s: [] for s, _ in HELD_OUT}
         for i, doc in enumerate(docs):
             self.doc_splits[held_out_split(_doc_key(doc))].append(i)
-        metrics = [m["metric"] for m in self.task.config.metric_list or []]
+        # A `!function` metric is the function itself in the config; lm-eval names its score by the function's name
+        configured = [m["metric"] for m in self.task.config.metric_list or []]
+        metrics = [_metric_name(m) for m in configured]
         self.metric = spec.metric or (metrics[0] if metrics else None)
-        if spec.metric and metrics and spec.metric not in metrics:
+        # (a function may return a dict of scores: their keys are only known once it has run)
+        if spec.metric and metrics and spec.metric not in metrics and all(isinstance(m, str) for m in configured):
             raise EvaluatorError(f"skills.{name}.metric: task {spec.task!r} has no metric {spec.metric!r} ({metrics})")
         self._gen_kwargs = self.task.config.generation_kwargs or {}
+
+    def _sample_metric(self, sample: dict[str, Any]) -> str:
+        """The metric to read from a logged sample: the configured one, else the task's first; a ``!function``
+        metric returning a dict gives its keys instead of its name, so then the sample's first."""
+        names = list(sample.get("metrics") or [])
+        if self.metric in names or not names:
+            return self.metric  # type: ignore[return-value]
+        if self.spec.metric:
+            raise EvaluatorError(
+                f"skills.{self.name}.metric: task {self.spec.task!r} scores its items by {names}, not {self.metric!r}"
+            )
+        return names[0]
 
     def _indices(self, split: Split, n: int, seed: int) -> list[int]:
         if check_split(split) == "train":
@@ -205,10 +232,17 @@ class LmEvalEvaluator(Evaluator):
         samples = res["samples"][self.task_name]
         first_filter = samples[0]["filter"] if samples else None
         by_doc = {s["doc_id"]: s for s in samples if s["filter"] == first_filter}
-        metric = self.metric or next(iter(samples[0]["metrics"]))
+        metric = self._sample_metric(samples[0]) if samples else self.metric
         scores = [float(by_doc[i][metric]) for i in idx]
         answers = [_first_response(by_doc[i]) for i in idx]
         return TaskResult(self.name, split, scores, answers)
+
+
+def _metric_name(metric: Any) -> str:
+    """A ``metric_list`` entry's name: a string as written, a ``!function`` metric by its function's name."""
+    if isinstance(metric, str):
+        return metric
+    return getattr(metric, "__name__", None) or str(metric)
 
 
 def _first_response(sample: dict[str, Any]) -> str:

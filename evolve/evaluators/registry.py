@@ -67,6 +67,17 @@ class JsonlSpec(BaseModel):
     chat: bool = Field(True, description="prompt through the model's chat template as one user turn, else raw text")
     tolerance: float = Field(1e-6, ge=0, description="grader numeric: relative tolerance")
     max_new_tokens: int = Field(64, ge=1, le=4096)
+    sandbox: Literal["ast", "os"] = Field(
+        "ast",
+        description="grader python: where programs run; ast: the embedded world's restricted sandbox (no imports, "
+        "short programs), os: the OS sandbox (real Python, the standard library, long programs)",
+    )
+    grader_seconds: float = Field(
+        10.0, gt=0, le=600, description="module:function graders and sandbox os: wall-clock seconds per answer"
+    )
+    grader_memory_mb: int = Field(
+        2048, ge=64, description="module:function graders and sandbox os: address space of the process, MiB"
+    )
 
     @field_validator("grader")
     @classmethod

