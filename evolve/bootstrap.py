@@ -8,8 +8,13 @@ the experts' total compute on all skills' data. ``merge_retention`` in the repor
 share of each expert's gain over the base that the plain average of two experts keeps.
 
 The output directory holds one model directory per role plus ``bootstrap.json`` (config, accuracy matrix,
-timings). A model whose ``cycleqd.json`` records the same config is reused instead of retrained, so an
-interrupted bootstrap resumes and ``make demo`` reruns in seconds; ``--force`` retrains.
+timings, what determined each model). A saved model is reused instead of retrained only when retraining would
+give the same model, so an interrupted bootstrap resumes and ``make demo`` reruns in seconds: its
+``cycleqd.json`` must record the same config hash, ``TRAINER_VERSION`` (evolve/models/train.py), digests of
+its encoded training data per mixture component (and of the tokenizer, for the base) and, for experts and the
+multi-task model, the base's reuse key. Otherwise a line says why (``retraining expert:db: its training data
+changed (db, replay:code, replay:os)``) and ``cycleqd.json`` records it as ``retrained_because``. ``--force``
+retrains.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evolve.atomic import read_versioned_json, write_json_atomic
+from cycleqd.atomic import read_versioned_json, write_json_atomic
+from cycleqd.errors import UserError
 from evolve.config import BootstrapConfig
 from evolve.engines.hf import TransformersEngine
 from evolve.evaluators import get_skill, score_skills
 from evolve.evaluators.base import format_prompt
+from evolve.finetune import data_digests, provenance, reuse_key, stale_reason
 from evolve.merge import average
 from evolve.models.modeling import META_FILE, ModelError, load_model, new_model, read_meta, save_model
 from evolve.models.tokenizer import train_tokenizer
@@ -41,7 +48,7 @@ FORMAT_VERSION = 1
 REPORT_FILE = "bootstrap.json"
 
 
-class BootstrapError(RuntimeError):
+class BootstrapError(UserError, RuntimeError):
     """The output directory cannot be used; nothing in it has been changed."""
 
 
@@ -95,15 +102,14 @@ def run_bootstrap(
             for name, task in skills.items()
         }
 
-    def reusable(path: Path) -> bool:
-        if force or not (path / META_FILE).is_file():
-            return False
+    def saved_meta(path: Path) -> dict[str, Any] | None:
         try:
-            return read_meta(path).get("config_hash") == chash
+            return read_meta(path)
         except ModelError:
-            return False
+            return None
 
     models: dict[str, LlamaForCausalLM] = {}
+    records: dict[str, dict[str, Any]] = {}
     with Progress(
         TextColumn("{task.description:<18}"),
         BarColumn(),
@@ -114,12 +120,21 @@ def run_bootstrap(
         transient=False,
     ) as progress:
 
-        def phase(role: str, spec: TrainSpec, start: LlamaForCausalLM | None, data, seed: int) -> None:
+        def phase(role: str, spec: TrainSpec, start: LlamaForCausalLM | None, data, seed: int, **inputs: str) -> None:
             path = dirs[role]
-            if reusable(path):
-                models[role], _ = load_model(path)
-                progress.add_task(f"{role} (reused)", total=1, completed=1, loss="-")
-                return
+            prov = provenance(chash, data, **inputs)
+            key = reuse_key(prov)
+            reason = None
+            if (path / META_FILE).is_file():
+                reason = stale_reason(saved_meta(path), prov)
+                if reason is None and not force:
+                    models[role], _ = load_model(path)
+                    records[role] = {"reuse_key": key, **prov, "reused": True}
+                    progress.add_task(f"{role} (reused)", total=1, completed=1, loss="-")
+                    return
+                reason = reason or "--force"
+                progress.console.print(f"retraining {role}: {reason}")
+            records[role] = {"reuse_key": key, **prov, "reused": False, "retrained_because": reason}
             t0 = time.perf_counter()
             task = progress.add_task(role, total=spec.steps, loss="-")
             model = new_model(config.arch, tok, seed=seed) if start is None else _clone(start)
@@ -134,7 +149,9 @@ def run_bootstrap(
             meta = {
                 "role": role.split(":")[0],
                 "skill": role.split(":")[1] if ":" in role else None,
-                "config_hash": chash,
+                **prov,
+                "reuse_key": key,
+                "retrained_because": reason,
                 "train": spec.model_dump(),
                 "final_loss": losses[-1] if losses else None,
             }
@@ -142,15 +159,15 @@ def run_bootstrap(
             models[role] = model
             timings[role] = time.perf_counter() - t0
 
-        if reusable(dirs["base"]):
-            _, tok = load_model(dirs["base"])
-        else:
-            texts = [
-                format_prompt(i.prompt) + " " + i.answer
-                for task in skills.values()
-                for i in task.items("train", config.train_items_per_skill, seed=config.seed)
-            ]
-            tok = train_tokenizer(texts, vocab_size=config.vocab_size)
+        # Trained every time (well under a second; deterministic), so that its digest is part of the base's key:
+        # a saved base whose tokenizer digest matches has the same tokenizer.
+        texts = [
+            format_prompt(i.prompt) + " " + i.answer
+            for task in skills.values()
+            for i in task.items("train", config.train_items_per_skill, seed=config.seed)
+        ]
+        tok = train_tokenizer(texts, vocab_size=config.vocab_size)
+        tokenizer_digest = data_digests({"tok": [tok.backend_tokenizer.to_str(), tok.chat_template]})["tok"]
         base_data = data_for(tok, config.base.levels)
         full_data = data_for(tok, config.expert.levels)
         b, e = config.base, config.expert
@@ -160,17 +177,19 @@ def run_bootstrap(
             None,
             base_data,
             config.seed,
+            tokenizer_digest=tokenizer_digest,
         )
+        base_key = records["base"]["reuse_key"]
         for i, name in enumerate(skills):
             others = [s for s in skills if s != name]
             mixture = {name: 1.0 - config.replay, **{f"replay:{s}": config.replay / len(others) for s in others}}
             data = {name: full_data[name], **{f"replay:{s}": base_data[s] for s in others}}
             spec = TrainSpec(steps=e.steps, lr=e.lr, batch_size=e.batch_size, mixture=mixture)
-            phase(f"expert:{name}", spec, models["base"], data, config.seed + 1 + i)
+            phase(f"expert:{name}", spec, models["base"], data, config.seed + 1 + i, base_key=base_key)
         spec = TrainSpec(
             steps=e.steps * len(skills), lr=e.lr, batch_size=e.batch_size, mixture=dict.fromkeys(skills, 1.0)
         )
-        phase("multitask", spec, models["base"], full_data, config.seed + 100)
+        phase("multitask", spec, models["base"], full_data, config.seed + 100, base_key=base_key)
 
     t0 = time.perf_counter()
     accuracy = accuracy_matrix(models, tok, config, console)
@@ -181,6 +200,7 @@ def run_bootstrap(
         "config": config.model_dump(),
         "config_hash": chash,
         "models": {role: str(p.relative_to(out)) for role, p in dirs.items()},
+        "provenance": records,
         "accuracy": accuracy,
         "merge_retention": merge_retention(accuracy, config.skills),
         "timings_s": timings,

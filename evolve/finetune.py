@@ -9,25 +9,33 @@ for chat models (``prompt_format: auto``); the embedded tiny models keep their r
 
 Training is checkpointed every ``checkpoint_every`` steps to ``.<out>.ckpt/`` next to the output (safetensors:
 trainable weights, optimizer moments, RNG state); rerunning the same command resumes from it exactly. The
-expert is written atomically with ``cycleqd.json`` (role, skill, base, config, loss, tokens/s); an output that
-records the same base and config is reused.
+expert is written atomically with ``cycleqd.json`` (role, skill, base, config, loss, tokens/s). An output is
+reused only when retraining would give the same model: its ``cycleqd.json`` must record the same config hash,
+``TRAINER_VERSION`` (evolve/models/train.py), digests of the encoded training data per mixture component and
+digest of the base's weights; otherwise the reason is logged (``retraining OUT: its training data changed
+(db)``) and recorded as ``retrained_because``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from evolve.atomic import atomic_directory
-from evolve.evaluators import get_skill
+import evolve.models.train as trainer
+from cycleqd.atomic import atomic_directory
+from cycleqd.errors import UserError
+from evolve.evaluators import Evaluator, get_skill
+from evolve.evaluators.episodes import EpisodeTask
+from evolve.evaluators.registry import SkillSpec, build, normalise_skills
 from evolve.importer import ImportSourceError, check_hf_dir
 from evolve.models.modeling import META_FILE
 from evolve.models.tokenizer import CHAT_TEMPLATE
@@ -39,15 +47,17 @@ from evolve.models.train import (
     TrainSpec,
     checkpoint_meta,
     encode,
+    encode_conversation,
     load_checkpoint,
     save_checkpoint,
     train,
 )
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+log = logging.getLogger(__name__)
 
 
-class FinetuneError(RuntimeError):
+class FinetuneError(UserError, RuntimeError):
     """An output or checkpoint that cannot be used; nothing has been changed. The message names the file."""
 
 
@@ -67,6 +77,16 @@ class FinetuneConfig(BaseModel):
     replay_skills: list[str] = Field(
         default_factory=lambda: ["code", "os", "db"], description="skills replayed (the expert's own is skipped)"
     )
+    skills: dict[str, SkillSpec] | None = Field(
+        None,
+        description="skill name -> spec, as a run config has them (benchmark kinds train on their train split's "
+        "gold trajectories, multi-turn, loss on the assistant turns); default: the embedded skill world",
+    )
+    max_tokens: int = Field(
+        2048, ge=16, description="examples longer than this many tokens are left out (long episodes; memory)"
+    )
+
+    _skills = field_validator("skills", mode="before")(lambda v: None if v is None else normalise_skills(v))
     mode: Literal["full", "lora"] = "full"
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float = Field(32, gt=0)
@@ -84,6 +104,78 @@ def config_hash(config: FinetuneConfig, base: Path, skills: Sequence[str]) -> st
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# -- what determines a trained model (shared with evolve/bootstrap.py) ----------------------------------------
+def _digest(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:16]
+
+
+def data_digests(data: Mapping[str, Sequence[Any]]) -> dict[str, str]:
+    """Per mixture component, a digest of its encoded examples in order (token ids and prompt length or loss
+    mask, as JSON): exactly what training samples from, so the split, the items, the tokenizer and the prompt
+    format all show in it. Milliseconds for thousands of examples."""
+    return {name: _digest(json.dumps(list(examples), separators=(",", ":"))) for name, examples in data.items()}
+
+
+def provenance(chash: str, data: Mapping[str, Sequence[Any]], **inputs: Any) -> dict[str, Any]:
+    """Everything that determines a trained model: its config hash, the trainer's version, the digests of its
+    training data and ``inputs`` (e.g. its base's digest). Recorded in ``cycleqd.json``."""
+    version = trainer.TRAINER_VERSION  # read at call time: the one source of truth is evolve/models/train.py
+    return {"config_hash": chash, "trainer_version": version, "data_digests": data_digests(data), **inputs}
+
+
+def reuse_key(prov: Mapping[str, Any]) -> str:
+    return _digest(json.dumps(prov, sort_keys=True))
+
+
+_INPUT_CHANGED = {
+    "base_digest": "its base model changed",
+    "base_key": "its base model was retrained",
+    "tokenizer_digest": "its tokenizer changed",
+}
+
+
+def stale_reason(meta: Mapping[str, Any] | None, prov: Mapping[str, Any]) -> str | None:
+    """Why the model whose ``cycleqd.json`` is ``meta`` is not what training with ``prov`` would give now (None:
+    it is, and can be reused)."""
+    if not isinstance(meta, Mapping):
+        return "its cycleqd.json is missing or unreadable"
+    old = meta.get("data_digests")
+    if "trainer_version" not in meta or not isinstance(old, Mapping):
+        return "it was trained before cycleqd.json recorded its training data and TRAINER_VERSION"
+    reasons = []
+    if meta.get("config_hash") != prov["config_hash"]:
+        reasons.append("its config changed")
+    if meta["trainer_version"] != prov["trainer_version"]:
+        reasons.append(f"the trainer changed (TRAINER_VERSION {meta['trainer_version']} -> {prov['trainer_version']})")
+    new = prov["data_digests"]
+    changed = [k for k in {**new, **old} if old.get(k) != new.get(k)]
+    if changed:
+        reasons.append(f"its training data changed ({', '.join(changed)})")
+    for key, value in prov.items():
+        if key not in ("config_hash", "trainer_version", "data_digests") and meta.get(key) != value:
+            reasons.append(_INPUT_CHANGED.get(key, f"its {key} changed"))
+    return "; ".join(reasons) or None
+
+
+def base_digest(base: Path) -> str:
+    """A digest of the base's ``config.json`` and weights (every ``*.safetensors`` file), so that an expert of a
+    base rewritten at the same path (a rerun bootstrap, another import) is not reused. About 1 s per GB."""
+    h = hashlib.sha256()
+    for path in [base / "config.json", *sorted(base.glob("*.safetensors"))]:
+        with path.open("rb") as f:
+            h.update(f"{path.name}\0".encode() + hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
+def skill_task(config: FinetuneConfig, name: str) -> Evaluator:
+    """The evaluator a skill name means in this fine-tune: the config's own spec for it, else the world's."""
+    if config.skills is None:
+        return get_skill(name)  # UnknownSkillError names the built-in skills
+    if name not in config.skills:
+        raise FinetuneError(f"skill {name!r} is not in the config's skills ({', '.join(config.skills)})")
+    return build(name, config.skills[name])
+
+
 def resolve_format(config: FinetuneConfig, tokenizer: Any) -> PromptFormat:
     """``chat`` for a tokenizer with its own chat template; the embedded tokenizer's template renders the raw
     format already, so those models stay ``raw``."""
@@ -97,12 +189,12 @@ def checkpoint_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.ckpt")
 
 
-def _reusable(out: Path, chash: str) -> dict[str, Any] | None:
+def _saved_meta(out: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads((out / META_FILE).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return meta if isinstance(meta, dict) and meta.get("config_hash") == chash else None
+    return meta if isinstance(meta, dict) else None
 
 
 def finetune(
@@ -118,22 +210,21 @@ def finetune(
     """Fine-tune ``base`` on ``skills`` (one: an expert with replay; several: multi-task) into ``out``.
 
     Returns the metadata written to ``out/cycleqd.json`` (with ``"reused": True`` when nothing was trained).
-    ``on_start`` gets the step training starts from (0, or the checkpoint's step).
+    ``on_start`` gets the step training starts from (0, or the checkpoint's step). The tokenizer is loaded and the
+    data encoded before deciding on reuse (their digests are part of the key); the model only after.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, out = Path(base), Path(out)
     if not skills:
         raise FinetuneError("no skill given; name one (an expert) or several (multi-task)")
-    tasks = {s: get_skill(s) for s in skills}  # UnknownSkillError names the known skills
+    replayed = config.replay_skills if len(skills) == 1 and config.replay > 0 else []
+    tasks = {s: skill_task(config, s) for s in [*skills, *replayed]}  # errors name the known skills
     check_hf_dir(base)
     chash = config_hash(config, base, skills)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        previous = _reusable(out, chash)
-        if previous is not None and not force:
-            return {**previous, "reused": True}
-        if not (out / META_FILE).is_file():
-            raise FinetuneError(f"{out}: exists and is not a model written by cycleqd-evolve; choose another --out")
+    existing = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if existing and not (out / META_FILE).is_file():
+        raise FinetuneError(f"{out}: exists and is not a model written by cycleqd-evolve; choose another --out")
     if config.threads:
         torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
@@ -143,20 +234,27 @@ def finetune(
         raise ImportSourceError(
             f"{base}: transformers cannot read its tokenizer ({type(exc).__name__}: {exc})"
         ) from exc
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
-    except Exception as exc:
-        raise ImportSourceError(f"{base}: transformers cannot load the model ({type(exc).__name__}: {exc})") from exc
-    from evolve.models.hf import resolve_device
-
-    model = model.to(resolve_device(config.device))
-    saved = json.loads((base / "config.json").read_text())
-    saved_dtype = getattr(torch, str(saved.get("dtype") or saved.get("torch_dtype") or "float32"), torch.float32)
     fmt = resolve_format(config, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def data_for(name: str) -> list[Example]:
-        items = get_skill(name).items("train", config.train_items, seed=config.seed, levels=config.levels)
+        task = tasks[name]
+        if isinstance(task, EpisodeTask):
+            if fmt != "chat":
+                raise FinetuneError(
+                    f"skill {name!r} trains on multi-turn gold trajectories: it needs a chat model (a tokenizer "
+                    "with a chat template, prompt_format chat)"
+                )
+            convs = task.gold_conversations("train", config.train_items, seed=config.seed)
+            examples = [encode_conversation(tokenizer, c) for c in convs]
+            kept = [e for e in examples if len(e[0]) <= config.max_tokens]
+            if not kept:
+                raise FinetuneError(
+                    f"skill {name!r}: none of its {len(examples)} train gold trajectories fits max_tokens "
+                    f"{config.max_tokens} (the longest has {max((len(e[0]) for e in examples), default=0)})"
+                )
+            return kept
+        items = task.items("train", config.train_items, seed=config.seed, levels=config.levels)
         return encode(tokenizer, items, prompt_format=fmt)
 
     if len(skills) == 1:
@@ -166,11 +264,30 @@ def finetune(
         share = config.replay if others else 0.0
         mixture = {own: 1.0 - share, **{f"replay:{s}": share / len(others) for s in others}}
     else:
-        data = {s: data_for(s) for s in tasks}
-        mixture = dict.fromkeys(tasks, 1.0)
+        data = {s: data_for(s) for s in skills}
+        mixture = dict.fromkeys(skills, 1.0)
     spec = TrainSpec(
         steps=config.steps, lr=config.lr, batch_size=config.batch_size, warmup=config.warmup, mixture=mixture
     )
+    prov = provenance(chash, data, base_digest=base_digest(base))
+    key = reuse_key(prov)
+    retrained_because = None
+    if existing:
+        previous = _saved_meta(out)
+        retrained_because = stale_reason(previous, prov)
+        if previous is not None and retrained_because is None and not force:
+            return {**previous, "reused": True}
+        retrained_because = retrained_because or "--force"
+        log.warning("retraining %s: %s", out, retrained_because)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
+    except Exception as exc:
+        raise ImportSourceError(f"{base}: transformers cannot load the model ({type(exc).__name__}: {exc})") from exc
+    from evolve.models.hf import resolve_device
+
+    model = model.to(resolve_device(config.device))
+    saved = json.loads((base / "config.json").read_text())
+    saved_dtype = getattr(torch, str(saved.get("dtype") or saved.get("torch_dtype") or "float32"), torch.float32)
     if config.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -183,8 +300,8 @@ def finetune(
     ckpt = checkpoint_dir(out) / CHECKPOINT_FILE
     state = LoopState()
     try:
-        # A checkpoint of another configuration (another job's leftovers at this --out) is ignored and replaced.
-        if ckpt.is_file() and checkpoint_meta(ckpt).get("config_hash") == chash:
+        # A checkpoint of other inputs (another job's leftovers at this --out, older data) is ignored and replaced.
+        if ckpt.is_file() and checkpoint_meta(ckpt).get("reuse_key") == key:
             state, _ = load_checkpoint(ckpt, model)
     except CheckpointError as exc:
         raise FinetuneError(str(exc)) from exc
@@ -201,7 +318,7 @@ def finetune(
         autocast=torch.bfloat16 if config.autocast == "bfloat16" else None,
         state=state,
         checkpoint_every=config.checkpoint_every,
-        on_checkpoint=lambda st: save_checkpoint(ckpt, model, st, {"config_hash": chash}),
+        on_checkpoint=lambda st: save_checkpoint(ckpt, model, st, {"reuse_key": key}),
     )
     seconds = time.perf_counter() - t_train
     if config.mode == "lora":
@@ -212,7 +329,9 @@ def finetune(
         "skill": skills[0] if len(skills) == 1 else None,
         "skills": list(skills),
         "base": str(base.resolve()),
-        "config_hash": chash,
+        **prov,
+        "reuse_key": key,
+        "retrained_because": retrained_because,
         "prompt_format": fmt,
         "finetune": config.model_dump(),
         "final_loss": losses[-1] if losses else None,

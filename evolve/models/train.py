@@ -28,11 +28,11 @@ from cycleqd.errors import UserError
 from evolve.evaluators.base import Item, format_prompt
 
 #: The version of the training recipe implemented here and in evolve/models/tokenizer.py: :func:`train` (batch
-#: sampling, loss masking, optimizer, schedule, clipping), :func:`encode` and ``train_tokenizer``. Every saved
-#: model records it, and bootstrap and finetune reuse a saved model only when it matches (besides the config and
-#: the digests of the encoded training data), so BUMP IT WITH ANY CHANGE AFTER WHICH RETRAINING WOULD GIVE A
-#: DIFFERENT MODEL; models trained before are then retrained instead of passing as current. (Changes to the
-#: data or its encoding also show in the data digests; the version catches those that do not.)
+#: sampling, loss masking, optimizer, schedule, clipping), :func:`encode`, :func:`encode_conversation` and
+#: ``train_tokenizer``. Every saved model records it, and bootstrap and finetune reuse a saved model only when it
+#: matches (besides the config and the digests of the encoded training data), so BUMP IT WITH ANY CHANGE AFTER
+#: WHICH RETRAINING WOULD GIVE A DIFFERENT MODEL; models trained before are then retrained instead of passing as
+#: current. (Changes to the data or its encoding also show in the data digests; the version catches the rest.)
 TRAINER_VERSION = 1
 
 #: Token ids and what is trained on: the number of prompt tokens (loss on everything after them: single-turn

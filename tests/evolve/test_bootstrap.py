@@ -114,3 +114,83 @@ def test_a_corrupt_saved_model_is_reported_by_name(tmp_path):
     with pytest.raises(ModelError, match=r"experts/os/model\.safetensors"):
         run_bootstrap(mini_config(), tmp_path / "m", console=Console(quiet=True))
     assert (tmp_path / "m" / "bootstrap.json").is_file()  # the earlier report is kept
+
+
+@pytest.fixture()
+def unscored(monkeypatch):
+    """Skip the accuracy matrix (most of a miniature bootstrap's time): these tests are about what is trained."""
+    import evolve.bootstrap
+
+    rows = dict.fromkeys(ROWS, dict.fromkeys(["code", "os", "db", "mean"], 0.0))
+    monkeypatch.setattr(evolve.bootstrap, "accuracy_matrix", lambda *args: rows)
+
+
+def test_reuse_is_keyed_on_the_training_data_and_the_trainer(tmp_path, monkeypatch, unscored):
+    """A saved model is reused only when retraining would give the same one: unchanged inputs reuse everything; a
+    changed train split (as when calibration was carved out of train) or a bumped TRAINER_VERSION retrains, and
+    the log and cycleqd.json say why."""
+    import io
+
+    import evolve.evaluators.base as evaluators_base
+    import evolve.models.train as trainer
+
+    def run():
+        log = io.StringIO()
+        report = run_bootstrap(mini_config(), tmp_path, console=Console(file=log, width=300))
+        return report, log.getvalue()
+
+    roles = {"base", "expert:code", "expert:os", "expert:db", "multitask"}
+    first, _ = run()
+    assert roles <= set(first["timings_s"])
+    prov = first["provenance"]
+    assert list(prov["base"]["data_digests"]) == ["code", "os", "db"]
+    assert list(prov["expert:db"]["data_digests"]) == ["db", "replay:code", "replay:os"]
+    assert prov["expert:db"]["base_key"] == prov["base"]["reuse_key"]
+    meta = json.loads((tmp_path / "experts" / "db" / "cycleqd.json").read_text())
+    assert meta["trainer_version"] == trainer.TRAINER_VERSION and meta["retrained_because"] is None
+    assert meta["data_digests"] == prov["expert:db"]["data_digests"]
+
+    again, log = run()  # unchanged inputs: every model reused
+    assert not roles & set(again["timings_s"]) and "retraining" not in log
+    assert all(p["reused"] for p in again["provenance"].values())
+    assert {r: p["reuse_key"] for r, p in again["provenance"].items()} == {r: p["reuse_key"] for r, p in prov.items()}
+
+    stamp = (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns
+    split = {"train": 0.5, "calibration": 0.2, "validation": 0.15, "test": 0.15}  # train items change, test kept
+    with monkeypatch.context() as m:
+        m.setattr(evaluators_base, "SPLIT_FRACTIONS", split)
+        changed, log = run()
+    assert roles <= set(changed["timings_s"])  # retrained, not reused
+    assert (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns != stamp
+    assert "retraining base: its training data changed (code, os, db)" in log
+    assert "config changed" not in log
+    assert changed["config_hash"] == first["config_hash"]
+    base_meta = json.loads((tmp_path / "base" / "cycleqd.json").read_text())
+    assert base_meta["retrained_because"] == "its training data changed (code, os, db); its tokenizer changed"
+    assert base_meta["data_digests"] != prov["base"]["data_digests"]
+    expert = changed["provenance"]["expert:os"]
+    assert "its training data changed" in expert["retrained_because"]
+    assert "its base model was retrained" in expert["retrained_because"]
+
+    monkeypatch.setattr(trainer, "TRAINER_VERSION", trainer.TRAINER_VERSION + 1)
+    bumped, log = run()  # back to the real split: the data is the first run's again, but the trainer is newer
+    assert roles <= set(bumped["timings_s"])
+    old, new = trainer.TRAINER_VERSION - 1, trainer.TRAINER_VERSION
+    assert bumped["provenance"]["base"]["retrained_because"] == (
+        f"the trainer changed (TRAINER_VERSION {old} -> {new}); its training data changed (code, os, db); "
+        "its tokenizer changed"  # the saved base is the changed split's
+    )
+    assert bumped["provenance"]["base"]["data_digests"] == prov["base"]["data_digests"]
+    assert "retraining multitask: the trainer changed" in log
+
+
+def test_models_trained_before_digests_were_recorded_are_retrained(tmp_path, unscored):
+    run_bootstrap(mini_config(), tmp_path, console=Console(quiet=True))
+    path = tmp_path / "experts" / "code" / "cycleqd.json"
+    meta = json.loads(path.read_text())
+    for key in ("trainer_version", "data_digests", "base_key", "reuse_key"):
+        del meta[key]  # what an older bootstrap wrote: only the config hash
+    path.write_text(json.dumps(meta))
+    report = run_bootstrap(mini_config(), tmp_path, console=Console(quiet=True))
+    assert set(report["timings_s"]) & {"base", "expert:code", "expert:os"} == {"expert:code"}
+    assert "trained before" in report["provenance"]["expert:code"]["retrained_because"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -72,6 +72,68 @@ def test_a_killed_finetune_resumes_exactly(tmp_path, base_dir):
     assert resumed["final_loss"] == whole["final_loss"]
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reuse_needs_the_same_data_trainer_and_base(tmp_path, base_dir, monkeypatch, caplog):
+    """An output is reused only when retraining would give the same model; otherwise the log and cycleqd.json
+    say why it was retrained."""
+    import evolve.evaluators.base as evaluators_base
+    import evolve.models.train as trainer
+
+    cfg, out = small(checkpoint_every=0), tmp_path / "db"
+    first = finetune(base_dir, ["db"], out, cfg)
+    assert list(first["data_digests"]) == ["db", "replay:code", "replay:os"]
+    assert first["trainer_version"] == trainer.TRAINER_VERSION and first["retrained_because"] is None
+    assert json.loads((out / "cycleqd.json").read_text())["reuse_key"] == first["reuse_key"]
+    before = weights(out)
+    assert finetune(base_dir, ["db"], out, cfg).get("reused")  # unchanged inputs
+
+    split = {"train": 0.5, "calibration": 0.2, "validation": 0.15, "test": 0.15}  # train items change
+    with monkeypatch.context() as m:
+        m.setattr(evaluators_base, "SPLIT_FRACTIONS", split)
+        changed = finetune(base_dir, ["db"], out, cfg)
+    assert not changed.get("reused") and changed["config_hash"] == first["config_hash"]
+    assert changed["retrained_because"] == "its training data changed (db, replay:code, replay:os)"
+    assert f"retraining {out}: its training data changed" in caplog.text
+    after = weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained on other items
+
+    monkeypatch.setattr(trainer, "TRAINER_VERSION", trainer.TRAINER_VERSION + 1)
+    bumped = finetune(base_dir, ["db"], out, cfg)
+    assert not bumped.get("reused")
+    assert bumped["retrained_because"].startswith(
+        f"the trainer changed (TRAINER_VERSION {trainer.TRAINER_VERSION - 1} -> {trainer.TRAINER_VERSION})"
+    )
+    assert bumped["data_digests"] == first["data_digests"]  # the real split again
+    assert finetune(base_dir, ["db"], out, cfg).get("reused")
+
+    tensors = weights(base_dir)  # the base rewritten at the same path
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name] + 0.01}, base_dir / "model.safetensors", metadata={"format": "pt"})
+    rebased = finetune(base_dir, ["db"], out, cfg)
+    assert rebased["retrained_because"] == "its base model changed"
+    assert finetune(base_dir, ["db"], out, small(checkpoint_every=0, steps=5))["retrained_because"] == (
+        "its config changed"
+    )
+
+
+def test_a_checkpoint_of_other_training_data_is_not_resumed(tmp_path, base_dir, monkeypatch):
+    import evolve.evaluators.base as evaluators_base
+
+    cfg, out = small(steps=7, checkpoint_every=2), tmp_path / "code"
+
+    def kill_at_5(step: int, loss: float) -> None:
+        if step == 4:
+            raise Killed
+
+    split = {"train": 0.5, "calibration": 0.2, "validation": 0.15, "test": 0.15}
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(evaluators_base, "SPLIT_FRACTIONS", split)
+        finetune(base_dir, ["code"], out, cfg, on_step=kill_at_5)
+    assert (checkpoint_dir(out) / "checkpoint.safetensors").is_file()
+    starts = []
+    finetune(base_dir, ["code"], out, cfg, on_start=starts.append)
+    assert starts == [0]  # trained afresh on today's split, not resumed from the other one
 
 
 def test_lora_merged_and_multitask(tmp_path, base_dir):
