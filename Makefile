@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install chromium redis demo real results test lint format bench clean
+.PHONY: install chromium redis bubblewrap demo real results test lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch, transformers, vllm; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) bubblewrap
 
 # The demo's run directory is its own scratch space: each `make demo` evolves afresh (the bootstrap models are
 # reused when their config is unchanged).
@@ -111,7 +111,15 @@ redis:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null); } || \
 	  echo "redis-server is not installed (needs root and apt-get): the Redis feedback tests will be skipped"
 
-test: $(STAMP) chromium redis
+# bubblewrap (Debian's package) for the OS sandbox (evolve/evaluators/os_sandbox.py: real programs and AgentBench's
+# shell episodes); where it cannot be installed, the skills that need it refuse to start and its tests are skipped,
+# each with the reason.
+bubblewrap:
+	@command -v bwrap >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null); } || \
+	  echo "bubblewrap is not installed (needs root and apt-get): the OS sandbox tests will be skipped"
+
+test: $(STAMP) chromium redis bubblewrap
 	$(PY) -m pytest
 
 lint: $(STAMP)
