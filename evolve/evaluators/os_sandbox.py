@@ -681,6 +681,32 @@ def _environment(privileged: bool) -> dict[str, str]:
     }
 
 
+#: The skeleton of ``/usr/local`` in a privileged episode: empty and writable, as on a fresh distribution image.
+_USR_LOCAL = ("bin", "etc", "games", "include", "lib", "man", "sbin", "share", "src")
+
+
+def _usr(a: Callable[..., None], privileged: bool) -> None:
+    """The host's ``/usr``, read-only. Unprivileged programs get it as one read-only mount. A privileged episode
+    (AgentBench's shell tasks write ``/usr/stock.log``, ``/usr/OSbench``, ``/usr/local/bin/calc`` ...) gets a
+    writable ``/usr`` on its throw-away root with every host entry bound read-only into it and an empty writable
+    ``/usr/local``: new files land in the episode's tmpfs, the host's files stay read-only and unchanged (bwrap
+    0.8 has no overlay mount to do this in one step)."""
+    if not privileged:
+        a("--ro-bind", "/usr", "/usr")
+        return
+    a("--perms", "755", "--dir", "/usr")
+    for entry in sorted(os.listdir("/usr")):
+        host = f"/usr/{entry}"
+        if entry == "local":
+            continue
+        if os.path.islink(host):
+            a("--symlink", os.readlink(host), host)
+        else:
+            a("--ro-bind", host, host)
+    for sub in _USR_LOCAL:
+        a("--perms", "755", "--dir", f"/usr/local/{sub}")
+
+
 def _bwrap_args(
     *,
     privileged: bool,
@@ -694,7 +720,7 @@ def _bwrap_args(
     try:
         # The writable root first: everything else is mounted on top of it.
         a("--size", str(limits.disk_bytes), "--tmpfs", "/")
-        a("--ro-bind", "/usr", "/usr")
+        _usr(a, privileged)
         for top in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
             host = "/" + top
             if os.path.islink(host):
