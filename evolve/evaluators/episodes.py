@@ -213,10 +213,14 @@ class EpisodeTask(Evaluator):
         ]
 
     def exemplars(self, split: Split, n: int, *, seed: int = 0) -> list[str]:
+        """What the router's classifier will read of an episode: its first user message (the router keys a
+        conversation's skill and its session on it, so every turn classifies alike). For benchmarks whose
+        opening is a shared instruction (AgentBench's), that is the instruction, and it identifies the skill."""
         try:
-            return [e.prompt for e in self.episode_items(split, n, seed=seed)]
+            items = self.episode_items(split, n, seed=seed)
         except EvaluatorError:
             return []
+        return [next((m["content"] for m in self.messages(e) if m["role"] == "user"), e.prompt) for e in items]
 
     def by_id(self) -> dict[str, EpisodeItem]:
         return {e.id: e for s in SPLITS for e in self.pool(s)}

@@ -207,3 +207,13 @@ def test_a_script_replays_from_its_first_turn_when_the_opening_holds_assistant_t
     task = OneShot(n=20)
     items = [i for i in task.pool("train") if i.id != "c7"][:3]
     assert [t.score for t in task.replay(items, [task.gold(i) for i in items])] == [1.0] * len(items)
+
+
+def test_exemplars_are_what_the_router_classifies_the_first_user_message():
+    class Instructed(CounterTask):
+        def messages(self, item):
+            return [{"role": "user", "content": "Shared instruction."}, {"role": "assistant", "content": "Ok."},
+                    {"role": "user", "content": item.prompt}]  # fmt: skip
+
+    assert set(Instructed(n=30).exemplars("train", 5)) == {"Shared instruction."}
+    assert CounterTask(n=30).exemplars("train", 2)[0].startswith("Make ")
