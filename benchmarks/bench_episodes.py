@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from evolve.evaluators.episodes import EpisodeTask, engine_policy, scripted_policy
+from evolve.evaluators.episodes import EpisodeTask, engine_policy
 from evolve.scoring import build_skill, load_skills
 
 PHASES = ("setup", "generation", "environment", "grading")
@@ -78,7 +78,7 @@ def main() -> None:
     for name, task in tasks.items():
         items = task.episode_items("test", args.items)
         with console.status(f"{name}: scripted replay of {len(items)} episodes"):
-            rows[f"{name} scripted"] = measure(task, items, scripted_policy([task.gold(i) for i in items]))
+            rows[f"{name} scripted"] = measure(task, items, task.gold_policy(items))
         if engine is not None:
             with console.status(f"{name}: {len(items)} episodes of {args.model.name} ({args.engine})"):
                 rows[f"{name} model"] = measure(task, items, engine_policy(engine, task))

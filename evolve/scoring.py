@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cycleqd.atomic import atomic_file
 from evolve.evaluators.base import Evaluator, EvaluatorError, TaskResult
 from evolve.evaluators.episodes import EpisodeTask, Transcript, engine_policy, result_of
 from evolve.evaluators.registry import SkillSpec, normalise_skills
@@ -131,7 +132,7 @@ def score_gold(task: Evaluator, split: str, limit: int, *, seed: int = 0) -> Sco
     if not isinstance(task, EpisodeTask):
         raise EvaluatorError(f"--gold: skill {task.name!r} ({type(task).__name__}) has no reference solutions")
     items = _items(task, split, limit, seed)
-    return _episode_scored(task, split, task.replay(items, [task.gold(i) for i in items]))
+    return _episode_scored(task, split, task.replay_gold(items))
 
 
 def score_model(task: Evaluator, engine: Any, split: str, limit: int, *, seed: int = 0) -> Scored:
@@ -156,16 +157,7 @@ def _episode_scored(task: Evaluator, split: str, transcripts: Sequence[Transcrip
 
 def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """The per-item JSONL, written whole and atomically (a failed scoring leaves an older file as it was)."""
-    import os
-    import tempfile
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

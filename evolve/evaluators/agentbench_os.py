@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from evolve.evaluators import os_sandbox
-from evolve.evaluators.base import SPLITS, EvaluatorError, Split
+from evolve.evaluators.base import SPLITS, EvaluatorError
 from evolve.evaluators.episodes import Action, EpisodeItem, EpisodeTask, Message, Policy, Transcript
 from evolve.evaluators.registry import AgentBenchOsSpec
 
@@ -591,10 +591,6 @@ class AgentBenchOsTask(EpisodeTask):
         with self._notes_lock:
             return self._notes.get(item_id, "")
 
-    def replay(self, items: Sequence[EpisodeItem], actions: Sequence[Sequence[str]]) -> list[Transcript]:
-        """Episodes whose agent turns are given (an answers file): the one-shot example's turns are not counted."""
-        return self.run(items, scripted(actions))
-
     # -- gold --------------------------------------------------------------------------------------------
     def gold_policy(self, items: Sequence[EpisodeItem]) -> Policy:
         """The gold turns of each item, then the answer read from the last observation: ``Act: answer(...)``
@@ -614,13 +610,6 @@ class AgentBenchOsTask(EpisodeTask):
             return out
 
         return policy
-
-    def gold_conversations(self, split: Split, n: int, *, seed: int = 0) -> list[list[Message]]:
-        """Gold trajectories of ``n`` items of ``split``: the example run in the real sandbox, then the answer it
-        printed; kept only where the episode scores 1."""
-        items = self.episode_items(split, n, seed=seed)
-        transcripts = self.run(items, self.gold_policy(items))
-        return [t.messages for t in transcripts if t.score >= 1.0]
 
     def gold_control(self, items: Sequence[EpisodeItem] | None = None) -> tuple[list[str], dict[str, str]]:
         """Which tasks the sandbox can run as AgentBench does: ``(passed ids, {excluded id: reason})``.
@@ -651,7 +640,7 @@ class AgentBenchOsTask(EpisodeTask):
             transcripts += self.run(checks, self.gold_policy(checks))
         if matches:
             answers = [[f"Act: answer({i.data['match']['answer']})"] for i in matches]
-            transcripts += self.run(matches, scripted(answers))
+            transcripts += self.replay(matches, answers)
         passed = []
         for t in transcripts:
             if t.score >= 1.0:
@@ -721,20 +710,6 @@ def agent_turn(conversation: Sequence[Message]) -> int:
     return sum(1 for m in conversation if m["role"] == "assistant") - sum(
         1 for m in ONE_SHOT if m["role"] == "assistant"
     )
-
-
-def scripted(actions: Sequence[Sequence[str]]) -> Policy:
-    """:func:`~evolve.evaluators.episodes.scripted_policy` for this conversation: the turns given per episode,
-    counted after the one-shot example; an episode whose script is used up gives up (an empty turn)."""
-
-    def policy(indices: Sequence[int], conversations: Sequence[Sequence[Message]]) -> list[str]:
-        out = []
-        for i, conv in zip(indices, conversations, strict=True):
-            turn, script = agent_turn(conv), actions[i]
-            out.append(script[turn] if 0 <= turn < len(script) else "")
-        return out
-
-    return policy
 
 
 def main(argv: Sequence[str] | None = None) -> int:

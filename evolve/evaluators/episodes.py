@@ -240,15 +240,23 @@ class EpisodeTask(Evaluator):
         return self.last_transcripts
 
     def replay(self, items: Sequence[EpisodeItem], actions: Sequence[Sequence[str]]) -> list[Transcript]:
-        """Episodes whose turns are given (an answers file, the gold solution)."""
+        """Episodes whose turns are given (an answers file)."""
         return self.run(items, scripted_policy(actions))
+
+    def gold_policy(self, items: Sequence[EpisodeItem]) -> Policy:
+        """The reference solution as a policy: its turns as :meth:`gold` gives them. A benchmark whose final
+        answer depends on what the environment printed (AgentBench OS: the example script's output) overrides
+        this to read it from the observation."""
+        return scripted_policy([self.gold(i) for i in items])
+
+    def replay_gold(self, items: Sequence[EpisodeItem]) -> list[Transcript]:
+        """The gold control: every item's reference solution run through its real environment."""
+        return self.run(items, self.gold_policy(items))
 
     def gold_conversations(self, split: Split, n: int, *, seed: int = 0) -> list[list[Message]]:
         """Gold trajectories of ``n`` items of ``split`` for fine-tuning: the reference actions run through the
         real environment, kept only where the episode then scores 1 (a trajectory that fails teaches nothing)."""
-        items = self.episode_items(split, n, seed=seed)
-        transcripts = self.replay(items, [self.gold(i) for i in items])
-        return [t.messages for t in transcripts if t.score >= 1.0]
+        return [t.messages for t in self.replay_gold(self.episode_items(split, n, seed=seed)) if t.score >= 1.0]
 
 
 def result_of(name: str, split: Split, transcripts: Sequence[Transcript]) -> TaskResult:
