@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--no-model", action="store_true", help="the scripted (sandbox-bound) half only")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_episodes.json")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=160)
     skills = load_skills(args.config)
     tasks = {name: build_skill(skills, name) for name in skills.skills}
     tasks = {n: t for n, t in tasks.items() if isinstance(t, EpisodeTask)}

@@ -593,9 +593,14 @@ class AgentBenchOsTask(EpisodeTask):
 
     # -- gold --------------------------------------------------------------------------------------------
     def gold_policy(self, items: Sequence[EpisodeItem]) -> Policy:
-        """The gold turns of each item, then the answer read from the last observation: ``Act: answer(...)``
-        with what the example printed (stripped), or ``Act: finish`` when it printed nothing."""
+        """The gold turns of each item, then the answer: for a ``match`` task its expected answer (what the gold
+        control accepts; some examples do not run here), else the one read from the last observation,
+        ``Act: answer(...)`` with what the example printed (stripped), or ``Act: finish`` when it printed nothing."""
         scripts = [self.gold(i) for i in items]
+        expected = [
+            answer_turn(str(i.data["match"]["answer"])) if (i.data["match"] or {}).get("answer") is not None else None
+            for i in items
+        ]
 
         def policy(indices: Sequence[int], conversations: Sequence[Sequence[Message]]) -> list[str]:
             out = []
@@ -603,6 +608,8 @@ class AgentBenchOsTask(EpisodeTask):
                 turn, script = agent_turn(conv), scripts[i]
                 if turn < len(script):
                     out.append(script[turn])
+                elif turn == len(script) and expected[i] is not None:
+                    out.append(expected[i])  # type: ignore[arg-type]
                 elif turn == len(script) and script:
                     out.append(answer_from(conv[-1]["content"]))
                 else:

@@ -260,6 +260,9 @@ def test_gold_conversations_score_one_and_end_in_an_answer(task):
     assert len(convs) >= 8
     for conv in convs:
         agent = conv[len(task.messages(task.load_items()[0])) :]
+        if len(agent) == 1:  # a match task without an example: its expected answer, at once
+            assert agent[0]["role"] == "assistant" and "Act: answer(" in agent[0]["content"]
+            continue
         assert agent[0]["role"] == "assistant" and "Act: bash" in agent[0]["content"]
         assert agent[1]["role"] == "user" and agent[1]["content"].startswith(("The output of the OS", EMPTY_OUTPUT))
         assert agent[-1]["role"] == "assistant" and (
@@ -387,3 +390,10 @@ def test_observations_interleave_stderr_and_an_empty_command_is_empty(tmp_path):
     assert obs[1] == obs[2] == EMPTY_OUTPUT
     assert "ran past 2 seconds and was interrupted" in obs[3]
     assert tr.score == 1.0
+
+
+@needs_sandbox
+def test_the_gold_policy_passes_every_usable_task_of_a_split(task):
+    """What `cycleqd-evolve evaluate --gold` and the gold trajectories run: every usable test task scores 1."""
+    items = task.episode_items("test", 1000)
+    assert [t.score for t in task.replay_gold(items)] == [1.0] * len(items)
