@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from evolve.configfile import load_yaml_model
+from cycleqd.configfile import load_yaml_model
 from evolve.models.hf import inspect_model, resolve_dtype
 from evolve.run import Evolution, EvolveConfig
 

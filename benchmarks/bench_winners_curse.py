@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from evolve.configfile import load_yaml_model
+from cycleqd.configfile import load_yaml_model
 from evolve.engines.hf import TransformersEngine
 from evolve.evaluators import build_evaluators, score_skills
 from evolve.models.modeling import load_model

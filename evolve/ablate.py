@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from evolve.atomic import write_json_atomic
+from cycleqd.atomic import write_json_atomic
 from evolve.report import score_cycleqd
 from evolve.run import RUN_FILE, Evolution, EvolveConfig
 

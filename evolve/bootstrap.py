@@ -39,7 +39,7 @@ from evolve.engines.hf import TransformersEngine
 from evolve.evaluators import get_skill, score_skills
 from evolve.evaluators.base import format_prompt
 from evolve.finetune import data_digests, provenance, reuse_key, stale_reason
-from evolve.merge import average
+from evolve.merge import merge
 from evolve.models.modeling import META_FILE, ModelError, load_model, new_model, read_meta, save_model
 from evolve.models.tokenizer import train_tokenizer
 from evolve.models.train import Example, TrainSpec, encode, train
@@ -235,11 +235,11 @@ def accuracy_matrix(
     base_sd = {k: v.clone() for k, v in models["base"].state_dict().items()}
     experts = {s: models[f"expert:{s}"].state_dict() for s in config.skills}
     rows: dict[str, dict[str, torch.Tensor]] = {role: m.state_dict() for role, m in models.items()}
-    rows["average(all experts)"] = average(base_sd, list(experts.values()))
+    rows["average(all experts)"] = merge("average", base_sd, list(experts.values()))
     names = list(config.skills)
     for i, a in enumerate(names):
         for bname in names[i + 1 :]:
-            rows[f"average({a}+{bname})"] = average(base_sd, [experts[a], experts[bname]])
+            rows[f"average({a}+{bname})"] = merge("average", base_sd, [experts[a], experts[bname]])
     skills = {name: get_skill(name) for name in config.skills}
     matrix: dict[str, dict[str, float]] = {}
     with console.status("scoring every model on the test split") as status:

@@ -17,28 +17,17 @@ err = Console(stderr=True, soft_wrap=True)  # never break a path in an error mes
 
 @contextmanager
 def user_errors(*extra: type[Exception]) -> Iterator[None]:
-    """Bad input (config, directories, models, runs) ends the command with its message and exit code 2, never a
+    """Bad input (config, directories, models, runs: every ``cycleqd.errors.UserError``, plus ``extra``, errors
+    that are the user's in this command only) ends the command with its message and exit code 2, never a
     traceback; anything else is a bug and keeps its traceback."""
-    from evolve.bootstrap import BootstrapError
-    from evolve.config import ConfigError
-    from evolve.evaluators import EvaluatorError, UnknownSkillError
-    from evolve.genome import BasisError
-    from evolve.models.modeling import ModelError
-    from evolve.run import RunError
+    from rich.markup import escape
+
+    from cycleqd.errors import UserError
 
     try:
         yield
-    except (
-        ConfigError,
-        BootstrapError,
-        ModelError,
-        RunError,
-        BasisError,
-        UnknownSkillError,
-        EvaluatorError,
-        *extra,
-    ) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+    except (UserError, *extra) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")  # a message's [brackets] are text, not markup
         raise typer.Exit(2) from None
 
 
@@ -340,11 +329,11 @@ def import_(
 ) -> None:
     """Import a model as a clean Hugging Face directory (safetensors, tokenizer, chat template), written
     atomically and verified by loading it back and comparing a forward pass. Pickle checkpoints are refused."""
-    from evolve.importer import DTYPES, ImportSourceError, import_model
+    from evolve.importer import DTYPES, import_model
 
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}", param_hint="--dtype")
-    with user_errors(ImportSourceError), console.status(f"importing {source}"):
+    with user_errors(), console.status(f"importing {source}"):
         meta = import_model(source, out, dtype=dtype, force=force)  # type: ignore[arg-type]
     if meta.get("reused"):
         console.print(f"{out}: already imported from {meta['path']} ({meta['saved_dtype']}); --force re-imports")
@@ -373,11 +362,10 @@ def finetune(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from evolve.config import load_yaml_model
-    from evolve.finetune import FinetuneConfig, FinetuneError
+    from evolve.finetune import FinetuneConfig
     from evolve.finetune import finetune as run_finetune
-    from evolve.importer import ImportSourceError
 
-    with user_errors(FinetuneError, ImportSourceError):
+    with user_errors():
         cfg = load_yaml_model(config, FinetuneConfig) if config else FinetuneConfig()
         with Progress(
             TextColumn(f"{'+'.join(skill)}"),
@@ -425,12 +413,12 @@ def merge_search(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from evolve.merge_search import METHODS, ROW_NAMES, MergeSearchError
+    from evolve.merge_search import METHODS, ROW_NAMES
     from evolve.merge_search import merge_search as run_search
 
     methods = method or list(METHODS)
     with (
-        user_errors(MergeSearchError),
+        user_errors(),
         Progress(
             TextColumn("{task.description}"),
             BarColumn(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from evolve.configfile import ConfigError, load_yaml_model
+from cycleqd.configfile import ConfigError, load_yaml_model
 from evolve.evaluators import SKILL_NAMES, get_skill
 from evolve.models.modeling import ArchSpec
 

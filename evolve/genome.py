@@ -21,10 +21,9 @@ causes per expert.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from evolve.atomic import read_versioned_json
+from cycleqd.atomic import atomic_directory, read_versioned_json, recover
+from cycleqd.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,7 +70,7 @@ def auto_rank(shape: Sequence[int], n_experts: int) -> int:
     return max(1, min(min(m, n), (m * n) // (n_experts * (m + n + 1))))
 
 
-class BasisError(Exception):
+class BasisError(UserError):
     """SVD bases that are missing, corrupt or do not match the model; the message names the file."""
 
 
@@ -195,35 +195,27 @@ class Bases:
     # -- storage ---------------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         """``base.safetensors``, one ``{expert}.safetensors`` per expert and ``manifest.json``, written to a
-        temporary directory and renamed into place."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        save_file({k: v.cpu().contiguous() for k, v in self.base.items()}, tmp / "base.safetensors")
-        for name, f in zip(self.experts, self.factors, strict=True):
-            save_file({k: v.cpu().contiguous() for k, v in f.items()}, tmp / f"{name}.safetensors")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "experts": self.experts,
-            "rank_cap": self.rank_cap,
-            "reconstruction_error": dict(zip(self.experts, self.errors, strict=True)),
-            "genome_size": self.layout.size,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            for p in old.iterdir():
-                p.unlink()
-            old.rmdir()
-        else:
-            os.replace(tmp, directory)
+        temporary directory and swapped into place (``cycleqd.atomic.atomic_directory``)."""
+        with atomic_directory(Path(directory)) as tmp:
+            save_file({k: v.cpu().contiguous() for k, v in self.base.items()}, tmp / "base.safetensors")
+            for name, f in zip(self.experts, self.factors, strict=True):
+                save_file({k: v.cpu().contiguous() for k, v in f.items()}, tmp / f"{name}.safetensors")
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "experts": self.experts,
+                "rank_cap": self.rank_cap,
+                "reconstruction_error": dict(zip(self.experts, self.errors, strict=True)),
+                "genome_size": self.layout.size,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> Bases:
         directory = Path(directory)
         path = directory / MANIFEST
+        if not path.is_file():  # a save killed between its two renames left the old bases aside: put them back
+            with contextlib.suppress(OSError):
+                recover(directory)
         if not path.is_file():
             raise BasisError(f"{path}: missing; {directory} holds no SVD bases")
         manifest = read_versioned_json(path, FORMAT_VERSION, BasisError, "the SVD bases must be recomputed")

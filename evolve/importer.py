@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 import torch
 
-from evolve.atomic import atomic_directory
+from cycleqd.atomic import atomic_directory
+from cycleqd.errors import UserError
 
 META_FILE = "cycleqd.json"
 FORMAT_VERSION = 1
@@ -39,7 +40,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 CHECK_PROMPT = "Write a Python function that returns the sum of two numbers."
 
 
-class ImportSourceError(ValueError):
+class ImportSourceError(UserError, ValueError):
     """A source that cannot be imported (or an output that must not be replaced); the message names the file."""
 
 

@@ -21,15 +21,13 @@ serve stage measures the cost in scores).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from cycleqd.atomic import atomic_directory
 from evolve.genome import LAYER_INDEX, Bases
 from evolve.models.hf import EmbeddingRoles, embedding_roles
 
@@ -90,12 +88,10 @@ def merged_weights(base: dict[str, torch.Tensor], export: LoraExport) -> dict[st
 
 
 def save_lora(bases: Bases, genome: torch.Tensor, rank: int, path: Path, *, base_model: str) -> LoraExport:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` at ``path`` (atomically)."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` at ``path`` (atomically: an adapter already
+    there is replaced only once the new one is complete, and a failure leaves it, and no temporary, behind)."""
     roles = embedding_roles(Path(base_model))
     export = lora_factors(bases, genome, rank, roles)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tensors = {}
     targets: set[str] = set()
     for module, (a, b) in export.factors.items():
@@ -112,7 +108,6 @@ def save_lora(bases: Bases, genome: torch.Tensor, rank: int, path: Path, *, base
             tensors[f"base_model.model.{module}.lora_A.weight"] = a
             tensors[f"base_model.model.{module}.lora_B.weight"] = b
             targets.add(module.split(".")[-1])
-    save_file(tensors, tmp / "adapter_model.safetensors")
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -128,11 +123,10 @@ def save_lora(bases: Bases, genome: torch.Tensor, rank: int, path: Path, *, base
         "use_dora": False,
         "modules_to_save": None,
     }
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "cycleqd-lora.json").write_text(
-        json.dumps({"truncation_error": export.truncation_error, "rank_per_expert": rank})
-    )
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with atomic_directory(Path(path)) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors")
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "cycleqd-lora.json").write_text(
+            json.dumps({"truncation_error": export.truncation_error, "rank_per_expert": rank})
+        )
     return export

@@ -25,11 +25,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,13 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from cycleqd.atomic import atomic_file, read_versioned_json, write_json_atomic
+from cycleqd.errors import UserError
 from evolve.archive import SkillArchive, default_ranges
-from evolve.atomic import read_versioned_json
 from evolve.engines.hf import TransformersEngine
 from evolve.evaluators import SKILL_NAMES, build_evaluators, score_skills
 from evolve.evaluators.registry import SkillSpec, WorldSpec, normalise_skills
 from evolve.executors import Executor, LocalExecutor, WorkerSpec, make_executor
 from evolve.genome import Bases, svd_tensors
+from evolve.merge import get_method
 from evolve.models.hf import Device, DType, check_population, load_hf, resolve_device
 from evolve.operators import CrossoverConfig, MutationConfig, SamplingConfig, crossover, mutate, sample_parents
 
@@ -54,7 +55,7 @@ RUN_FILE = "run.json"
 STATE_FILE = "state.safetensors"
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run directory that cannot be used; it is never overwritten. The message names the file and field."""
 
 
@@ -207,24 +208,14 @@ class RunState:
         }
         tensors = {f"genome/{k}": v.contiguous() for k, v in self.genomes.items()}
         tensors["rng/torch"] = self.torch_gen.get_state()
-        tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            os.close(fd)
-            save_file(tensors, tmp, metadata={"state": json.dumps(meta, default=_json_default)})
-            os.replace(tmp, path)
+            with atomic_file(path) as tmp:
+                save_file(tensors, str(tmp), metadata={"state": json.dumps(meta, default=_json_default)})
         except (OSError, SafetensorError) as exc:  # a full disk, a read-only or vanished directory
-            if tmp:
-                with suppress(OSError):
-                    Path(tmp).unlink(missing_ok=True)
             raise RunError(
                 f"{path}: cannot save generation {self.generation} ({_io_reason(exc)}); the state saved before it is "
                 f"unchanged. Free space or make {path.parent} writable, then continue with --resume"
             ) from exc
-        except BaseException:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path: Path) -> RunState:
@@ -348,8 +339,8 @@ class Evolution:
     def _start(self) -> None:
         cfg = self.config
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / RUN_FILE).write_text(
-            json.dumps({"format_version": FORMAT_VERSION, "config": json.loads(cfg.model_dump_json())}, indent=2)
+        write_json_atomic(
+            self.dir / RUN_FILE, {"format_version": FORMAT_VERSION, "config": json.loads(cfg.model_dump_json())}
         )
         base = self.base_weights
         shapes = {k: tuple(v.shape) for k, v in base.items()}
@@ -493,9 +484,7 @@ def aggregate_genome(state: RunState) -> tuple[torch.Tensor, dict[str, float]]:
     best = {s: a.stats.best_id for s, a in state.archives.items()}
     q = torch.tensor([state.archives[s].stats.best for s in best])
     w = torch.softmax(q, dim=0).tolist()
-    genome = torch.zeros_like(next(iter(state.genomes.values())))
-    for wi, s in zip(w, best, strict=True):
-        genome.add_(state.genomes[best[s]], alpha=wi)
+    genome = get_method("task_arithmetic").merge_genomes([state.genomes[best[s]] for s in best], weights=w)
     return genome, {best[s]: wi for wi, s in zip(w, best, strict=True)}
 
 

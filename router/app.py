@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import gc
 import hashlib
-import hmac
 import logging
 import os
 import signal
@@ -27,7 +26,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.configfile import ConfigError
+from cycleqd.auth import bearer_token, key_matches
+from cycleqd.configfile import ConfigError
 from router.decision import Router
 from router.feedback import keep_in_sync, post_feedback
 from router.protocol import (
@@ -128,23 +128,20 @@ def create_app(router: Router) -> FastAPI:
         request.state.client_key = request.client.host if request.client else "unknown"
         if path == "/health" or (path == "/metrics" and pol.metrics_public):
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+        given = bearer_token(request.headers.get("authorization", ""))
         if not given and path == "/ui":  # a browser opening the operator page passes its key in the URL
             given = request.query_params.get("key", "").encode()
         if path.startswith("/admin/"):
             key = os.environ.get(pol.admin_key_env, "")
             if not key:
                 raise APIError(403, f"admin endpoints are disabled: set {pol.admin_key_env}", "admin_disabled")
-            if not hmac.compare_digest(given, key.encode()):
+            if not key_matches(given, (key.encode(),)):
                 raise APIError(401, "missing or wrong admin key", "invalid_api_key")
             return
         keys = api_keys()
         if not keys:
             return
-        match = False
-        for k in keys:  # every key compared, in constant time each
-            match |= hmac.compare_digest(given, k)
-        if not match:
+        if not key_matches(given, keys):  # every key compared, in constant time each
             raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key")
         request.state.client_key = hashlib.sha256(given).hexdigest()[:16]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any, Literal
 import numpy as np
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
+
+from cycleqd.atomic import atomic_file
 
 
 def model_dir() -> Path:
@@ -245,9 +246,8 @@ def build_classifier(
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             # written beside it, then renamed: several workers may build at once and read each other's file
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            save_file(data, str(tmp))
-            os.replace(tmp, cache)
+            with atomic_file(cache) as tmp:
+                save_file(data, str(tmp))
     clf = SkillClassifier(skills, data["train.emb"], data["train.labels"], method=method, k=k)
     held = "validation" if len(data["validation.labels"]) else "train"
     nll = clf.calibrate(data[f"{held}.emb"], data[f"{held}.labels"])

@@ -8,6 +8,8 @@ cycleqd-router classifier [--policy routing.yaml]     the classifier's held-out 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -21,15 +23,27 @@ err = Console(stderr=True, soft_wrap=True)
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="routing policy (YAML); default: every default")]
 
 
-def load_policy(path: Path | None):
-    from router.configfile import ConfigError, load_yaml_model
-    from router.policy import RoutingPolicy
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input (every ``cycleqd.errors.UserError``: the policy, a manifest, the engine key) ends the command with its
+    message and exit code 2; anything else keeps its traceback."""
+    from rich.markup import escape
+
+    from cycleqd.errors import UserError
 
     try:
-        return load_yaml_model(path, RoutingPolicy) if path else RoutingPolicy()
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        yield
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
+
+
+def load_policy(path: Path | None):
+    from cycleqd.configfile import load_yaml_model
+    from router.policy import RoutingPolicy
+
+    with user_errors():
+        return load_yaml_model(path, RoutingPolicy) if path else RoutingPolicy()
 
 
 @app.command()
@@ -61,20 +75,14 @@ def serve(
     import uvicorn
 
     from router.app import Router, create_app
-    from router.configfile import ConfigError
 
     pol = load_policy(policy)
     if manifest:
         pol = pol.model_copy(update={"manifest": manifest})
-    try:
+    with user_errors():
         router = Router(pol, policy_path=policy)
         router.refresh_manifest(force=True)
         router.check_policy()
-    except ConfigError as exc:
-        from rich.markup import escape
-
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
 
     def announce() -> None:
         more = f", {workers} workers" if workers > 1 else ""
@@ -84,16 +92,11 @@ def serve(
     if workers > 1:
         from router.workers import serve_workers
 
-        try:
+        with user_errors():
             ok = serve_workers(
                 router, workers=workers, host=host, port=port, log_level=log_level, announce=announce,
                 metrics_dir=metrics_dir,
             )  # fmt: skip
-        except ConfigError as exc:
-            from rich.markup import escape
-
-            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(2) from None
         raise typer.Exit(0 if ok else 1)
 
     class Announcing(uvicorn.Server):
@@ -116,8 +119,9 @@ def classifier(policy: PolicyOpt = None) -> None:
     """Build the skill classifier and print its accuracy on held-out (test-split) prompts."""
     from router.app import Router
 
-    router = Router(load_policy(policy))
-    router.refresh_manifest(force=True)
+    with user_errors():
+        router = Router(load_policy(policy))
+        router.refresh_manifest(force=True)
     with console.status("embedding exemplars"):
         router.build_classifier()
     for k, v in router.classifier_report.items():

@@ -13,7 +13,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -22,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from router.configfile import ConfigError, load_yaml_model
+from cycleqd.auth import engine_key
+from cycleqd.configfile import ConfigError, load_yaml_model
 from router.feedback import Feedback
 from router.limits import Metrics, TokenBucket
 from router.manifests import ManifestSet
@@ -38,21 +38,6 @@ log = logging.getLogger("cycleqd.router")
 
 #: How long a request that needs the classifier waits for it at start-up before a 503 with Retry-After.
 CLASSIFIER_WAIT_S = 2.0
-
-
-def engine_key() -> str | None:
-    """The key the engines were started with (``vllm serve --api-key``): ``CYCLEQD_ENGINE_KEY``, or the file named
-    by ``CYCLEQD_ENGINE_KEY_FILE``. Never from the manifest, which anyone who can read the router's volume reads."""
-    key = os.environ.get("CYCLEQD_ENGINE_KEY", "").strip()
-    path = os.environ.get("CYCLEQD_ENGINE_KEY_FILE", "").strip()
-    if not key and path:
-        try:
-            key = Path(path).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"CYCLEQD_ENGINE_KEY_FILE={path}: cannot read the engine key ({exc})") from exc
-        if not key:
-            raise ConfigError(f"CYCLEQD_ENGINE_KEY_FILE={path}: the file is empty; write the engines' key in it")
-    return key or None
 
 
 def alias_problems(policy: RoutingPolicy, skills: list[str]) -> list[str]:

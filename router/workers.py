@@ -48,7 +48,8 @@ from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
-from router.configfile import ConfigError
+from cycleqd.atomic import atomic_file
+from cycleqd.configfile import ConfigError
 from router.policy import RoutingPolicy
 
 if TYPE_CHECKING:
@@ -95,10 +96,9 @@ class WorkerSync:
 
     def publish(self, policy: RoutingPolicy) -> None:
         token = uuid.uuid4().hex
-        tmp = self.path.with_name(f".policy-{os.getpid()}-{token}.tmp")
-        tmp.write_text(json.dumps({"token": token, "policy": policy.model_dump(mode="json")}))
-        self.seen = token  # before the rename: this process's own poll must not apply it a second time
-        os.replace(tmp, self.path)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps({"token": token, "policy": policy.model_dump(mode="json")}))
+            self.seen = token  # before the rename: this process's own poll must not apply it a second time
 
     def current(self) -> RoutingPolicy:
         """The published policy, now taken as this process's own (a worker's start)."""

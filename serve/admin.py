@@ -10,7 +10,6 @@ from the environment variable named by ``admin_key_env``; without a key configur
 
 from __future__ import annotations
 
-import hmac
 import os
 import threading
 
@@ -18,6 +17,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException
 from pydantic import BaseModel
 
+from cycleqd.auth import bearer_token, key_matches
 from evolve.run import RunError
 from serve.materialise import MaterialiseError
 from serve.supervisor import ServeError, Supervisor
@@ -34,8 +34,7 @@ def make_app(sup: Supervisor) -> FastAPI:
     def admin(authorization: str = Header("")) -> None:
         if not key:
             raise HTTPException(403, f"the admin API is disabled: set {sup.cfg.admin_key_env} before starting")
-        given = authorization.removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), key.encode()):
+        if not key_matches(bearer_token(authorization), (key.encode(),)):
             raise HTTPException(401, "missing or wrong admin key (Authorization: Bearer <key>)")
 
     @app.get("/manifest")

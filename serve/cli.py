@@ -39,12 +39,14 @@ OutOpt = Annotated[Path | None, typer.Option("--out", help="output directory (ov
 def user_errors() -> Iterator[None]:
     """Bad input (every ``cycleqd.errors.UserError``: a config, a run, a manifest, the engines) ends the command with
     its message and exit code 2; anything else keeps its traceback."""
+    from rich.markup import escape
+
     from cycleqd.errors import UserError
 
     try:
         yield
     except UserError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")  # a message's [brackets] are text, not markup
         raise typer.Exit(2) from None
 
 
@@ -275,7 +277,9 @@ def wait(
 @app.command("route-demo")
 def route_demo(
     url: Annotated[str, typer.Option(help="the router's OpenAI base URL")] = "http://127.0.0.1:8000/v1",
-    per_skill: Annotated[int, typer.Option(min=1, help="held-out tasks per skill")] = 4,
+    per_skill: Annotated[
+        int, typer.Option(min=1, help="held-out tasks per skill (fewer than 30: the scores are said to be rough)")
+    ] = 100,
     seed: Annotated[int, typer.Option(help="which tasks, and their order")] = 0,
     concurrency: Annotated[int, typer.Option(min=1, help="requests in flight at once (an agent fleet's load)")] = 8,
     api_key: Annotated[str, typer.Option(envvar="CYCLEQD_API_KEY", help="router API key, if it needs one")] = "none",
@@ -284,7 +288,8 @@ def route_demo(
     ] = 600,
 ) -> None:
     """Send a mixed batch of held-out skill-world tasks through a running router (model 'auto') and grade them
-    (here, not in router/, which never imports evolve)."""
+    (here, not in router/, which never imports evolve). Prints each skill's score with its 95% interval and how
+    many decisions were ties (``x-cycleqd-tie``: the best elites' scores within the router's margin)."""
     import openai
 
     from evolve.evaluators import SKILL_NAMES, get_skill
@@ -315,10 +320,13 @@ def route_demo(
                     err.print("the router's classifier is still starting (embedding its exemplars); waiting for it")
                 time.sleep(min(max(float(exc.response.headers.get("retry-after") or 2), 0.5), 10.0))
 
-    table = Table(title=f"{len(tasks)} held-out tasks through {url} (model 'auto')")
-    for c in ("task", "skill", "elite", "reason", "weights", "score"):
+    shown = 30  # rows printed; every task is graded and counted
+    more = f"; the first {shown} shown" if len(tasks) > shown else ""
+    table = Table(title=f"{len(tasks)} held-out tasks through {url} (model 'auto'{more})")
+    for c in ("task", "skill", "elite", "reason", "tie", "weights", "score"):
         table.add_column(c)
     per_skill_scores: dict[str, list[float]] = {s: [] for s in SKILL_NAMES}
+    ties = 0
     try:
         # Requests go out `concurrency` at a time (the engines batch them); rows and grades keep the task order.
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -328,17 +336,35 @@ def route_demo(
             score = get_skill(skill).grade([item], [answer])[0]
             per_skill_scores[skill].append(score)
             h = raw.headers
+            ties += "x-cycleqd-tie" in h
+            if len(table.rows) >= shown:
+                continue
             prompt = item.prompt if len(item.prompt) < 48 else item.prompt[:45] + "..."
             table.add_row(
                 prompt, skill, h.get("x-cycleqd-elite", "?"), h.get("x-cycleqd-reason", "?"),
-                h.get("x-cycleqd-skill-weights", "?"), f"{score:.0f}",
+                h.get("x-cycleqd-tie", ""), h.get("x-cycleqd-skill-weights", "?"), f"{score:.0f}",
             )  # fmt: skip
     except openai.APIError as exc:
         err.print(f"[red]error:[/red] the router answered {exc}")
         raise typer.Exit(1) from None
     console.print(table)
-    summary = ", ".join(f"{s} {100 * sum(v) / len(v):.1f}%" for s, v in per_skill_scores.items())
-    console.print(f"score per skill: {summary}")
+
+    def half_width(v: list[float]) -> float:  # 95% interval of a mean score (normal approximation)
+        mean = sum(v) / len(v)
+        return 196 * (sum((x - mean) ** 2 for x in v) / max(len(v) - 1, 1) / len(v)) ** 0.5
+
+    summary = ", ".join(f"{s} {100 * sum(v) / len(v):.1f}% ± {half_width(v):.1f}" for s, v in per_skill_scores.items())
+    console.print(f"score per skill: {summary} (95% intervals, {per_skill} tasks per skill)")
+    console.print(
+        f"ties: {ties} of {len(tasks)} decisions (x-cycleqd-tie: the best elites' scores were within the router's "
+        "margin, so load or the session chose among them)"
+    )
+    if per_skill < 30:
+        console.print(
+            f"[yellow]only {per_skill} tasks per skill: these scores say little (one task moves a skill by "
+            f"{100 / per_skill:.0f} points) and compare no elites; use --per-skill 100 for a number that means "
+            "something[/yellow]"
+        )
 
 
 @app.command("route-episodes")

@@ -123,7 +123,19 @@ class ServeConfig(BaseModel):
     python: str = Field(sys.executable, description="the interpreter that runs `vllm.entrypoints.openai.api_server`")
     dtype: str = "float32"
     max_model_len: int | None = None
-    readiness_timeout_s: float = Field(240.0, gt=0)
+    readiness_timeout_s: float = Field(
+        240.0, gt=0, description="an engine not answering this long after a start (or restart) is stopped; at "
+        "start-up the run fails, later it counts as a restart (restart.max_restarts, then failed)",
+    )  # fmt: skip
+    startup_nice: int = Field(
+        -10,
+        ge=-20,
+        le=19,
+        description="CPU priority (nice, and the session's autogroup nice) of an engine while it starts; it goes "
+        "back to 0 once the engine answers. Negative values need root or CAP_SYS_NICE, otherwise the engine "
+        "starts at 0 and its log says so. Without it, an engine restarting next to a busy replica on a "
+        "saturated CPU starts at a few percent of a core",
+    )
     health_interval_s: float = Field(2.0, gt=0)
     restart: Restart = Field(default_factory=Restart)
     measure_truncation: bool = Field(

@@ -33,8 +33,6 @@ An elite's health is its engine's (copied into each elite entry at every write, 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -42,11 +40,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cycleqd.atomic import write_text_atomic
+from cycleqd.errors import UserError
+
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
 
-class ManifestError(RuntimeError):
+class ManifestError(UserError, RuntimeError):
     """A manifest that cannot be used; the message names the file and the field."""
 
 
@@ -141,14 +142,7 @@ def save_manifest(path: Path, manifest: ServingManifest) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest.updated_at = time.time()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(manifest.model_dump_json(indent=2))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, manifest.model_dump_json(indent=2))
 
 
 def load_manifest(path: Path) -> ServingManifest:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cycleqd.errors import UserError
 from evolve.engines.hf import TransformersEngine
 from evolve.evaluators import build_evaluators, score_skills
 from evolve.genome import Bases
@@ -30,7 +31,7 @@ from serve.select import Selected
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-class MaterialiseError(ValueError):
+class MaterialiseError(UserError, ValueError):
     """A requested materialisation the model cannot give (e.g. a LoRA rank above what its matrices allow)."""
 
 

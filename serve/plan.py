@@ -15,12 +15,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cycleqd.errors import UserError
 from serve.config import Device, ServeConfig
 
 GIB = 1024**3
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The chosen elites do not fit the devices; the message says what would."""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from cycleqd.errors import UserError
 from evolve.evaluators.base import (
     SPLITS,
     Evaluator,
@@ -38,7 +39,7 @@ __all__ = [
 SKILL_NAMES: tuple[str, ...] = ("code", "os", "db")
 
 
-class UnknownSkillError(ValueError):
+class UnknownSkillError(UserError, ValueError):
     """Raised for a skill name that is not built in."""
 
 

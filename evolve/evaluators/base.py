@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from cycleqd.errors import UserError
+
 Split = Literal["train", "calibration", "validation", "test"]
 #: In the order of :func:`split_of`'s cumulative fractions.
 SPLITS: tuple[Split, ...] = ("train", "calibration", "validation", "test")
@@ -79,7 +81,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-class EvaluatorError(ValueError):
+class EvaluatorError(UserError, ValueError):
     """A skill that cannot be built or read; the message names the file and line, or the config field."""
 
 

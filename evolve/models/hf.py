@@ -13,6 +13,7 @@ seconds, naming the file and what differs, before minutes of loading and SVD:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -22,6 +23,9 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from cycleqd.atomic import recover
+from cycleqd.errors import UserError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -43,7 +47,7 @@ VOLATILE_CONFIG = {
 }
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model directory that is missing, incomplete, unsafe or does not match; the message names the file."""
 
 
@@ -91,6 +95,9 @@ def resolve_device(device: Device | str) -> torch.device:
 def weight_files(path: Path) -> tuple[Path, ...]:
     """The safetensors files of a model directory (every shard named by the index), each checked to exist."""
     path = Path(path)
+    if not path.is_dir():  # a save killed between its two renames left the old directory aside: put it back
+        with contextlib.suppress(OSError):
+            recover(path)
     if not path.is_dir():
         raise ModelError(f"{path}: no such model directory")
     if (path / INDEX).is_file():

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evolve.atomic import atomic_directory
+from cycleqd.atomic import atomic_directory
 from evolve.models.hf import ModelError, load_hf
 
 META_FILE = "cycleqd.json"

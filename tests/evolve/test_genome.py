@@ -8,7 +8,7 @@ import torch
 
 from evolve.engines.hf import TransformersEngine
 from evolve.genome import Bases, BasisError
-from evolve.merge import task_arithmetic
+from evolve.merge import METHODS, merge
 
 SKILLS = ["code", "os", "db"]
 
@@ -39,8 +39,15 @@ def test_genome_arithmetic_is_task_arithmetic(family):
     base, experts = family
     bases = Bases.compute(base, experts)
     g = 0.3 * bases.layout.expert(0) + 0.9 * bases.layout.expert(2)
-    want = task_arithmetic(base, [experts["code"], experts["db"]], [0.3, 0.9])
+    want = merge("task_arithmetic", base, [experts["code"], experts["db"]], weights=[0.3, 0.9])
     assert _close(bases.materialise(g), want)
+    # a linear merge method's genome form is its merge of the weights
+    for name, method in METHODS.items():
+        if method.linear:
+            params = {"weights": [0.3, 0.9]} if name == "task_arithmetic" else {}
+            genome = method.merge_genomes([bases.layout.expert(0), bases.layout.expert(2)], params)
+            weights = method.merge(base, [experts["code"], experts["db"]], params)
+            assert _close(bases.materialise(genome), weights), name
 
 
 def test_rank_cap_reports_its_error(family):

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from router.configfile import ConfigError, load_yaml_model
+from cycleqd.configfile import ConfigError, load_yaml_model
 from router.decision import Router
 from router.feedback_stores import ALREADY_RATED, Served, SQLiteStore
 from router.policy import RoutingPolicy

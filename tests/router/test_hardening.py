@@ -60,7 +60,7 @@ def test_an_alias_naming_unserved_skills_is_refused_at_start_and_on_reload(tmp_p
     router = Router(RoutingPolicy.model_validate(good), policy_path=tmp_path / "good.yaml")
     router.refresh_manifest(force=True)
     (tmp_path / "good.yaml").write_text(yaml.safe_dump({**good, "aliases": {"chef": {"code": 1.0, "baking": 1.0}}}))
-    from router.configfile import ConfigError
+    from cycleqd.configfile import ConfigError
 
     with pytest.raises(ConfigError, match=r"alias 'chef'.*baking"):
         router.reload_policy()

@@ -19,20 +19,13 @@ import httpx
 import pytest
 import torch
 
+from cycleqd.auth import ENGINE_KEY_ENV, ENGINE_KEY_FILE_ENV, GENERATED_KEY_FILE
 from serve.config import Device, ServeConfig
 from serve.manifest import Health, ServingManifest
 from serve.materialise import Artifact
 from serve.plan import EnginePlan
 from serve.select import Selected
-from serve.supervisor import (
-    ENGINE_KEY_ENV,
-    ENGINE_KEY_FILE_ENV,
-    GENERATED_KEY_FILE,
-    Engine,
-    ServeError,
-    Supervisor,
-    resolve_engine_key,
-)
+from serve.supervisor import Engine, ServeError, Supervisor, resolve_engine_key
 from tests.router.conftest import free_port
 
 KEY = "engine-key-for-tests"

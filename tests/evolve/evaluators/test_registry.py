@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from evolve.configfile import ConfigError, load_yaml_model
+from cycleqd.configfile import ConfigError, load_yaml_model
 from evolve.evaluators import build_evaluators
 from evolve.evaluators.base import Evaluator, EvaluatorError
 from evolve.evaluators.registry import ENTRY_POINT_GROUP, PluginSpec, WorldSpec, build, entry_point_names

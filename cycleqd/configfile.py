@@ -1,7 +1,7 @@
-"""Reading the routing policy (a YAML file) into a pydantic model, with errors that name the file and the field.
+"""Reading a YAML config file into a pydantic model, with errors that name the file and the field.
 
-The router's own copy of this small helper: the router must not import ``evolve`` (see ARCHITECTURE.md), and a
-dozen lines are cheaper than a shared package.
+One helper for every config file of the project (``evolve``'s and ``serve``'s configs, the router's routing
+policy); torch-free, so the router can use it.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from cycleqd.errors import UserError
+
 T = TypeVar("T", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file that cannot be used; the message says which file, which field and why."""
 
 
