@@ -35,7 +35,8 @@ from cycleqd.atomic import atomic_directory
 from cycleqd.errors import UserError
 from evolve.evaluators import Evaluator, get_skill
 from evolve.evaluators.episodes import EpisodeTask
-from evolve.evaluators.registry import SkillSpec, build, normalise_skills
+from evolve.evaluators.registry import build
+from evolve.evaluators.specs import SkillSpec, normalise_skills
 from evolve.importer import ImportSourceError, check_hf_dir
 from evolve.models.modeling import META_FILE
 from evolve.models.tokenizer import CHAT_TEMPLATE

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from cycleqd.atomic import atomic_file
 from evolve.evaluators.base import Evaluator, EvaluatorError, TaskResult
 from evolve.evaluators.episodes import EpisodeTask, Transcript, engine_policy, result_of
-from evolve.evaluators.registry import SkillSpec, normalise_skills
+from evolve.evaluators.specs import SkillSpec, normalise_skills
 
 
 class SkillsFile(BaseModel):

@@ -68,7 +68,7 @@ from typing import Any
 
 from evolve.evaluators.base import EvaluatorError
 from evolve.evaluators.episodes import Action, EpisodeItem, EpisodeTask, Message
-from evolve.evaluators.registry import AgentBenchDbSpec
+from evolve.evaluators.specs import AgentBenchDbSpec
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "agentbench_db"
 DEFAULT_PATH = DATA_DIR / "data_dbbench_standard_dev.jsonl"

@@ -58,7 +58,7 @@ from typing import Any
 from evolve.evaluators import os_sandbox
 from evolve.evaluators.base import SPLITS, EvaluatorError
 from evolve.evaluators.episodes import Action, EpisodeItem, EpisodeTask, Message, Policy, Transcript
-from evolve.evaluators.registry import AgentBenchOsSpec
+from evolve.evaluators.specs import AgentBenchOsSpec
 
 #: The vendored copy of AgentBench's ``data/os_interaction`` (the task files and the scripts they name).
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "agentbench_os"

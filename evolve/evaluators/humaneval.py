@@ -48,7 +48,7 @@ from evolve.evaluators.episodes import (
     engine_policy,
     result_of,
 )
-from evolve.evaluators.registry import HumanEvalSpec
+from evolve.evaluators.specs import HumanEvalSpec
 
 #: HumanEval's stop sequences (Chen et al. 2021, section 2.3): a completion ends where the function does.
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")

@@ -77,7 +77,7 @@ from evolve.evaluators.base import (
     first_line,
     split_of,
 )
-from evolve.evaluators.registry import JsonlSpec
+from evolve.evaluators.specs import JsonlSpec
 from evolve.evaluators.world.db import DbTask, _read_only
 
 #: The longest program the ``python`` grader runs in the OS sandbox (``sandbox: os``); a longer answer scores 0.

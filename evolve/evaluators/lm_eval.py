@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from evolve.evaluators.base import Evaluator, EvaluatorError, Generator, Split, TaskResult, check_split
-from evolve.evaluators.registry import LmEvalSpec
+from evolve.evaluators.specs import LmEvalSpec
 
 HELD_OUT: tuple[tuple[Split, float], ...] = (("calibration", 0.25), ("validation", 0.375), ("test", 0.375))
 

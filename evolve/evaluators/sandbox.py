@@ -86,7 +86,10 @@ def _run_worker(jobs: Sequence[Job], limits: Limits) -> tuple[list[Outcome], str
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         text=True,
     )
-    deadline = 5.0 + len(jobs) * (limits.seconds_per_job + 1.0)
+    # A hang guard, not the limit: an answer's CPU seconds are capped in the worker (RLIMIT_CPU, re-armed per job),
+    # and an AST-checked answer cannot sleep or block, so only a starved machine makes the wall clock run long
+    # (at a load of 12 on 2 cores, 1 CPU second took 6-12 s); then honest answers must not be charged for it.
+    deadline = 30.0 + len(jobs) * (8 * limits.seconds_per_job + 1.0)
     crashed = ""
     try:
         stdout, _ = proc.communicate(payload, timeout=deadline)

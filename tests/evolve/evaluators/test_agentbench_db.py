@@ -31,7 +31,8 @@ from evolve.evaluators.agentbench_db import (
 )
 from evolve.evaluators.base import SPLITS, EvaluatorError
 from evolve.evaluators.episodes import Action
-from evolve.evaluators.registry import AgentBenchDbSpec, build
+from evolve.evaluators.registry import build
+from evolve.evaluators.specs import AgentBenchDbSpec
 
 RUNAWAY = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
 

@@ -27,7 +27,8 @@ from evolve.evaluators.agentbench_os import (
 )
 from evolve.evaluators.base import EvaluatorError
 from evolve.evaluators.episodes import Action
-from evolve.evaluators.registry import AgentBenchOsSpec, build
+from evolve.evaluators.registry import build
+from evolve.evaluators.specs import AgentBenchOsSpec
 
 WHY_NOT = os_sandbox.available(privileged=True)
 needs_sandbox = pytest.mark.skipif(WHY_NOT is not None, reason=f"no privileged OS sandbox here: {WHY_NOT}")

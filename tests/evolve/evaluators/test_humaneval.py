@@ -23,7 +23,7 @@ from evolve.evaluators.humaneval import (
     extract_code,
     read_problems,
 )
-from evolve.evaluators.registry import HumanEvalSpec
+from evolve.evaluators.specs import HumanEvalSpec
 
 _UNAVAILABLE = os_sandbox.available()
 needs_sandbox = pytest.mark.skipif(_UNAVAILABLE is not None, reason=f"OS sandbox unusable here: {_UNAVAILABLE}")

@@ -9,7 +9,7 @@ import pytest
 
 from evolve.evaluators.base import SPLITS, EvaluatorError, split_of
 from evolve.evaluators.jsonl import JsonlEvaluator
-from evolve.evaluators.registry import JsonlSpec
+from evolve.evaluators.specs import JsonlSpec
 from tests.evolve.evaluators.data import shop_database, sql_jsonl
 
 

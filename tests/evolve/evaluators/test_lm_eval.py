@@ -20,7 +20,7 @@ import pytest
 from evolve.engines.hf import TransformersEngine
 from evolve.evaluators.base import EvaluatorError
 from evolve.evaluators.lm_eval import EngineLM, LmEvalEvaluator
-from evolve.evaluators.registry import LmEvalSpec
+from evolve.evaluators.specs import LmEvalSpec
 from tests.evolve.evaluators.data import lm_eval_task
 
 MC_YAML = """\
@@ -194,8 +194,9 @@ def test_adapter_and_lm_evals_local_models_agree_on_vllm_and_through_the_router(
     from router.app import Router
     from router.policy import RoutingPolicy
     from serve.manifest import load_manifest
+    from tests.conftest import stop_process
     from tests.router.conftest import RunningRouter
-    from tests.serve.test_engines import ENGINE_KEY, _start
+    from tests.serve.test_engines import ENGINE_KEY, STOP_S, _start
 
     monkeypatch.setenv("CYCLEQD_ENGINE_KEY", ENGINE_KEY)  # the router presents the engines' key
 
@@ -254,5 +255,4 @@ def test_adapter_and_lm_evals_local_models_agree_on_vllm_and_through_the_router(
             routed = [ln for ln in metrics.splitlines() if ln.startswith("cycleqd_router_decisions_total{")]
             assert sum(float(ln.rsplit(" ", 1)[1]) for ln in routed) >= 1 + 8  # every item went through the router
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=90)
+        stop_process(proc, signal.SIGTERM, STOP_S)

@@ -41,7 +41,7 @@ def mixed_config(tmp_path, mini_models, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_run_mixing_kinds_completes_resumes_after_sigkill_and_reports_on_test(tmp_path, mixed_config):
+def test_a_run_mixing_kinds_completes_resumes_after_sigkill_and_reports_on_test(tmp_path, mixed_config, spawn):
     cfg = mixed_config
     reference = Evolution(tmp_path / "ref", cfg)
     reference.run()
@@ -55,15 +55,15 @@ def test_a_run_mixing_kinds_completes_resumes_after_sigkill_and_reports_on_test(
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "evolve", "run", "--out", str(run_dir), "--config", str(tmp_path / "cfg.yaml")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
+    proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 1800  # a hang guard: the loop ends on generation 2
     while _generation(run_dir / STATE_FILE) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     stopped_at = _generation(run_dir / STATE_FILE)
     assert 2 <= stopped_at < 5, "the run must be killed part-way"
-    subprocess.run([*cmd[:-2], "--resume"], check=True, stdout=subprocess.DEVNULL, timeout=600)
+    subprocess.run([*cmd[:-2], "--resume"], check=True, stdout=subprocess.DEVNULL, timeout=1800)
     resumed = RunState.load(run_dir / STATE_FILE)
     assert archive_ids(resumed) == archive_ids(st)
     assert genomes_equal(resumed, st)

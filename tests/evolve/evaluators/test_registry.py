@@ -10,7 +10,8 @@ import pytest
 from cycleqd.configfile import ConfigError, load_yaml_model
 from evolve.evaluators import build_evaluators
 from evolve.evaluators.base import Evaluator, EvaluatorError
-from evolve.evaluators.registry import ENTRY_POINT_GROUP, PluginSpec, WorldSpec, build, entry_point_names
+from evolve.evaluators.registry import build
+from evolve.evaluators.specs import ENTRY_POINT_GROUP, PluginSpec, WorldSpec, entry_point_names
 from evolve.evaluators.world.code import CodeTask
 from evolve.run import EvolveConfig
 from tests.evolve.evaluators.data import lm_eval_task, shop_database, sql_jsonl
