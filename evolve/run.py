@@ -43,7 +43,7 @@ from cycleqd.errors import UserError
 from evolve.archive import SkillArchive, default_ranges
 from evolve.engines.hf import TransformersEngine
 from evolve.evaluators import SKILL_NAMES, build_evaluators, score_skills
-from evolve.evaluators.registry import SkillSpec, WorldSpec, normalise_skills
+from evolve.evaluators.specs import SkillSpec, WorldSpec, normalise_skills
 from evolve.executors import Executor, LocalExecutor, WorkerSpec, make_executor
 from evolve.genome import Bases, svd_tensors
 from evolve.merge import get_method
