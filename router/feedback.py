@@ -30,7 +30,7 @@ from typing import Any
 
 from fastapi import Request
 
-from router.configfile import ConfigError
+from cycleqd.configfile import ConfigError
 from router.feedback_stores import (
     ALREADY_RATED,
     Evidence,
