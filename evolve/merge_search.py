@@ -7,8 +7,12 @@ the mean validation score, as mergekit-evolve does (the paper's counterpart is i
 - ``task_arithmetic``: one weight per expert, W = W_base + sum_q w_q (W_q - W_base). In genome terms that is
   the genome sum_q w_q * expert_q (see evolve/genome.py, Layout), so each candidate is materialised straight
   into the engine like any CycleQD child. The search starts at the plain average (w_q = 1/K);
-- ``ties``: TIES density and scale (evolve/merge.py) on the experts' full weights, starting at the report's
-  TIES settings (density 0.2, scale 1).
+- ``ties``: TIES density and scale on the experts' full weights, starting at the report's TIES settings (the
+  method's defaults: density 0.2, scale 1).
+
+Each is a merge method of evolve/merge.py's registry, searched over the :class:`SearchSpace` that
+:data:`SEARCH_SPACES` gives it under the same name: a linear method is scored as a merge of genomes, any other
+as merged weights (its task vectors taken once per search, :meth:`evolve.merge.MergeMethod.prepare`).
 
 The start point is the first evaluation, so the result is never worse on validation than the merge it starts
 from, and the budget is exact: the last CMA-ES generation is cut short rather than overrun. The winner of each
@@ -27,18 +31,50 @@ from typing import Any
 import numpy as np
 import torch
 
-from evolve.atomic import read_versioned_json, write_json_atomic
-from evolve.merge import Ties
+from cycleqd.atomic import read_versioned_json, write_json_atomic
+from cycleqd.errors import UserError
+from evolve.merge import MergeMethod, TiesParams, get_method
 
 FORMAT_VERSION = 1
 RESULT_FILE = "merge_search.json"
-METHODS = ("task_arithmetic", "ties")
-ROW_NAMES = {"task_arithmetic": "task arithmetic (CMA-ES search)", "ties": "TIES (CMA-ES search)"}
-#: The report's unsearched TIES settings, the search's start point.
-TIES_START = (0.2, 1.0)
+#: The report's unsearched TIES settings (the method's defaults), the search's start point.
+TIES_START = (TiesParams().density, TiesParams().scale)
 
 
-class MergeSearchError(RuntimeError):
+@dataclass(frozen=True)
+class SearchSpace:
+    """How CMA-ES searches one merge method: for K experts, its start point, step and bounds; the method's
+    parameters at a point (a list parameter has one entry per expert and is stored by skill)."""
+
+    start: Callable[[int], list[float]]
+    sigma0: float
+    lower: Callable[[int], list[float]]
+    upper: Callable[[int], list[float]]
+    params: Callable[[Sequence[float]], dict[str, Any]]
+
+
+#: The searched merge methods by their registry names (evolve/merge.py), in the order they are searched.
+SEARCH_SPACES: dict[str, SearchSpace] = {
+    "task_arithmetic": SearchSpace(
+        start=lambda k: [1.0 / k] * k,  # the plain average
+        sigma0=0.15,
+        lower=lambda k: [0.0] * k,
+        upper=lambda k: [1.5] * k,
+        params=lambda x: {"weights": [float(v) for v in x]},
+    ),
+    "ties": SearchSpace(
+        start=lambda k: list(TIES_START),
+        sigma0=0.2,
+        lower=lambda k: [0.02, 0.0],
+        upper=lambda k: [1.0, 2.0],
+        params=lambda x: {"density": float(x[0]), "scale": float(x[1])},
+    ),
+}
+METHODS = tuple(SEARCH_SPACES)
+ROW_NAMES = {m: f"{get_method(m).label} (CMA-ES search)" for m in METHODS}
+
+
+class MergeSearchError(UserError, RuntimeError):
     """A merge search that cannot run or a result file that cannot be read; the message names the file."""
 
 
@@ -112,7 +148,10 @@ def search_run(
     and validation items), each method with ``budget`` validation evaluations; returns the result document."""
     unknown = set(methods) - set(METHODS)
     if unknown:
-        raise MergeSearchError(f"unknown merge-search method(s) {sorted(unknown)}: expected {', '.join(METHODS)}")
+        raise MergeSearchError(
+            f"unknown merge-search method(s) {sorted(unknown)}: expected {', '.join(METHODS)} (the merge methods"
+            " with a search space)"
+        )
     layout, skills = ev.bases.layout, list(ev.config.skills)
     k = len(skills)
     experts_g = [layout.expert(q) for q in range(k)]
@@ -124,62 +163,77 @@ def search_run(
         "validation_items": ev.config.validation_items,
         "methods": {},
     }
+    for name in (m for m in METHODS if m in methods):  # the registry's order, whichever order they are asked in
+        out["methods"][name] = _search(ev, name, experts_g, budget, seed=seed, test=test, on_evaluation=on_evaluation)
+    return out
+
+
+def _search(
+    ev: Any,
+    name: str,
+    experts_g: Sequence[torch.Tensor],
+    budget: int,
+    *,
+    seed: int,
+    test: bool,
+    on_evaluation: OnEvaluation | None,
+) -> dict[str, Any]:
+    """One method's search: its result entry."""
+    skills = list(ev.config.skills)
+    k = len(skills)
+    space = SEARCH_SPACES[name]
+    score = _scorer(ev, get_method(name), experts_g)
+    scored: dict[tuple[float, ...], dict[str, float]] = {}
+    spent = 0
 
     def with_mean(scores: dict[str, float]) -> dict[str, float]:
         return {**scores, "mean": sum(scores[s] for s in skills) / k}
 
-    def genome_of(w: Sequence[float]) -> torch.Tensor:
-        return sum((float(wq) * g for wq, g in zip(w, experts_g, strict=True)), torch.zeros(layout.size))
-
-    spent: dict[str, int] = {}
-
-    def report(method: str, scored: dict[tuple[float, ...], dict[str, float]]) -> None:
-        spent[method] = spent.get(method, 0) + 1
+    def objective(x: np.ndarray) -> float:
+        nonlocal spent
+        scores = with_mean(score(space.params(x), "validation"))
+        scored[tuple(x.tolist())] = scores
+        spent += 1
         if on_evaluation is not None:
-            on_evaluation(method, spent[method], budget, max(v["mean"] for v in scored.values()))
+            on_evaluation(name, spent, budget, max(v["mean"] for v in scored.values()))
+        return scores["mean"]
 
-    if "task_arithmetic" in methods:
-        scored: dict[tuple[float, ...], dict[str, float]] = {}
+    res = cma_maximise(
+        objective,
+        space.start(k),
+        sigma0=space.sigma0,
+        lower=space.lower(k),
+        upper=space.upper(k),
+        budget=budget,
+        seed=seed,
+    )
+    params = space.params(res.x)
+    stored = {p: dict(zip(skills, v, strict=True)) if isinstance(v, list) else v for p, v in params.items()}
+    entry = _entry(res, stored, scored[tuple(res.x)])
+    if test:
+        entry["test"] = with_mean(score(params, "test"))
+    return entry
 
-        def ta_objective(x: np.ndarray) -> float:
-            scores = with_mean(ev.score(genome_of(x), "validation"))
-            scored[tuple(x.tolist())] = scores
-            report("task_arithmetic", scored)
-            return scores["mean"]
 
-        res = cma_maximise(
-            ta_objective, [1.0 / k] * k, sigma0=0.15, lower=[0.0] * k, upper=[1.5] * k, budget=budget, seed=seed
-        )
-        entry = _entry(res, {"weights": dict(zip(skills, res.x, strict=True))}, scored[tuple(res.x)])
-        if test:
-            entry["test"] = with_mean(ev.score(genome_of(res.x), "test"))
-        out["methods"]["task_arithmetic"] = entry
+#: Scores of a merge with these parameters on a split, per skill.
+Scorer = Callable[[dict[str, Any], str], dict[str, float]]
 
-    if "ties" in methods:
-        from evolve.evaluators import score_skills
 
-        merge_ties = Ties(ev.bases.base, [ev.bases.materialise(g) for g in experts_g])
-        ties_scored: dict[tuple[float, ...], dict[str, float]] = {}
+def _scorer(ev: Any, method: MergeMethod[Any], experts_g: Sequence[torch.Tensor]) -> Scorer:
+    """How a search scores ``method``'s merges of the experts: a linear method's as a genome, materialised into
+    the engine like any CycleQD child; any other's as weights merged from the experts' task vectors (taken once)."""
+    if method.linear:
+        return lambda params, split: ev.score(method.merge_genomes(experts_g, params), split)
+    from evolve.evaluators import score_skills
 
-        def score_weights(x: Sequence[float], split: str, n: int) -> dict[str, float]:
-            merged = merge_ties(density=float(x[0]), scale=float(x[1]))
-            ev.engine.load_state_dict(merged)
-            return with_mean(score_skills(ev.engine, ev.skills, split, n, seed=ev.config.seed))
+    merger = method.prepare(ev.bases.base, [ev.bases.materialise(g) for g in experts_g])
 
-        def ties_objective(x: np.ndarray) -> float:
-            scores = score_weights(x, "validation", ev.config.validation_items)
-            ties_scored[tuple(x.tolist())] = scores
-            report("ties", ties_scored)
-            return scores["mean"]
+    def score(params: dict[str, Any], split: str) -> dict[str, float]:
+        ev.engine.load_state_dict(merger(params))
+        n = ev.config.validation_items if split == "validation" else ev.config.test_items
+        return score_skills(ev.engine, ev.skills, split, n, seed=ev.config.seed)
 
-        res = cma_maximise(
-            ties_objective, TIES_START, sigma0=0.2, lower=[0.02, 0.0], upper=[1.0, 2.0], budget=budget, seed=seed
-        )
-        entry = _entry(res, {"density": res.x[0], "scale": res.x[1]}, ties_scored[tuple(res.x)])
-        if test:
-            entry["test"] = score_weights(res.x, "test", ev.config.test_items)
-        out["methods"]["ties"] = entry
-    return out
+    return score
 
 
 def _entry(res: SearchResult, params: dict[str, Any], validation: dict[str, float]) -> dict[str, Any]:

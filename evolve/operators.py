@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evolve.archive import Elite
 from evolve.genome import Layout
+from evolve.merge import get_method
 
 
 class CrossoverConfig(BaseModel):
@@ -48,13 +49,10 @@ class SamplingConfig(BaseModel):
 def crossover(
     parents: Sequence[torch.Tensor], cfg: CrossoverConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, list[float]]:
-    """Normalised linear merge of the parents' genomes; returns the child and the weights used."""
+    """Normalised linear merge of the parents' genomes (task arithmetic); returns the child and the weights used."""
     w = torch.normal(1.0 + cfg.mu, cfg.sigma, size=(len(parents),), generator=gen)
-    w = w / w.sum()
-    child = torch.zeros_like(parents[0])
-    for wi, p in zip(w.tolist(), parents, strict=True):
-        child.add_(p, alpha=wi)
-    return child, w.tolist()
+    weights = (w / w.sum()).tolist()
+    return get_method("task_arithmetic").merge_genomes(parents, weights=weights), weights
 
 
 def mutate(

@@ -17,14 +17,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from evolve.atomic import write_json_atomic
+from cycleqd.atomic import write_json_atomic, write_text_atomic
 from evolve.evaluators import score_skills
-from evolve.merge import dare, ties
+from evolve.merge import get_method
 from evolve.merge_search import report_rows
 from evolve.models.hf import load_hf
 from evolve.run import STATE_FILE, Evolution, load_run_config
 
 REPORT_FILE = "report.json"
+
+#: The plain merges of the experts in the table, by merge-method name (evolve/merge.py), each at its default
+#: parameters (a method with a ``seed`` takes the run's) in a row named by the method's label.
+REPORT_MERGES = ("average", "ties", "dare")
 
 #: Which elites get test scores stored with them (besides the table's rows): every elite, each archive's best and
 #: the best by mean validation score (what a serving selection of ``best_per_skill`` and ``top: 1`` picks, at a
@@ -61,14 +65,21 @@ def score_run(run_dir: Path, console: Console, *, elites: ElitesOnTest = "all") 
             rows["multitask"] = weights(dict(mt.named_parameters()))
             del mt
         status.update("merges")
-        k = len(cfg.skills)
-        rows["task arithmetic (average)"] = ev.score(sum(layout.expert(q) for q in range(k)) / k, "test")
-        experts = [ev.bases.materialise(layout.expert(q)) for q in range(k)]
-        rows["TIES"] = weights(ties(ev.bases.base, experts))
-        rows["DARE"] = weights(dare(ev.bases.base, experts, seed=cfg.seed))
+        experts_g = [layout.expert(q) for q in range(len(cfg.skills))]
+        experts: list[dict[str, torch.Tensor]] | None = None  # full weights, for the merges that need them
+        for name in REPORT_MERGES:
+            method = get_method(name)
+            params = {"seed": cfg.seed} if "seed" in method.Params.model_fields else {}
+            if method.linear:  # a merge of genomes, materialised into the engine like any elite
+                rows[method.label] = ev.score(method.merge_genomes(experts_g, params), "test")
+                continue
+            if experts is None:
+                experts = [ev.bases.materialise(g) for g in experts_g]
+            rows[method.label] = weights(method.merge(ev.bases.base, experts, params))
         rows.update(report_rows(Path(run_dir)))  # the searched merges, when `merge-search` ran on this run
         status.update("CycleQD")
-        rows.update(score_cycleqd(ev))
+        transcripts: dict[str, Any] = {}
+        rows.update(score_cycleqd(ev, transcripts))
         if elites != "none":
             ids = sorted(ev.state.genomes) if elites == "all" else best_elites(ev)
             for n, eid in enumerate(ids, 1):
@@ -84,6 +95,7 @@ def score_run(run_dir: Path, console: Console, *, elites: ElitesOnTest = "all") 
         "generations": ev.state.generation,
         "best_elite": ev.best_mean_elite(),
         "rows": rows,
+        "transcripts": transcripts,
     }
     write_json_atomic(Path(run_dir) / REPORT_FILE, report)
     return rows
@@ -95,11 +107,36 @@ def best_elites(ev: Evolution) -> list[str]:
     return sorted(best | {ev.best_mean_elite()})
 
 
-def score_cycleqd(ev: Evolution) -> dict[str, dict[str, float]]:
-    """Test scores of CycleQD's two final models: the best elite by mean validation score, the aggregate."""
-    best = ev.state.genomes[ev.best_mean_elite()]
+#: Episode transcripts of the best elite kept in ``report.json`` per skill (the HTML report shows them): this many
+#: that passed and this many that failed, in test-split order.
+TRANSCRIPTS_PER_OUTCOME = 2
+
+
+def score_cycleqd(ev: Evolution, transcripts: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Test scores of CycleQD's two final models: the best elite by mean validation score, the aggregate.
+
+    ``transcripts``, when given, receives a few of the best elite's episode transcripts per episode skill."""
+    best_id = ev.best_mean_elite()
+    best = ev.state.genomes[best_id]
+    rows = {"CycleQD best elite": ev.score(best, "test")}
+    if transcripts is not None:
+        transcripts.update(sample_transcripts(ev, best_id))
     genome, _ = ev.aggregate_genome()
-    return {"CycleQD best elite": ev.score(best, "test"), "CycleQD aggregate": ev.score(genome, "test")}
+    rows["CycleQD aggregate"] = ev.score(genome, "test")
+    return rows
+
+
+def sample_transcripts(ev: Evolution, elite: str) -> dict[str, Any]:
+    """The last evaluation's transcripts of each episode skill, a few passed and a few failed ones."""
+    out: dict[str, Any] = {}
+    for name, task in ev.skills.items():
+        done = getattr(task, "last_transcripts", None)
+        if not done:
+            continue
+        passed = [t for t in done if t.score >= 1.0][:TRANSCRIPTS_PER_OUTCOME]
+        failed = [t for t in done if t.score < 1.0][:TRANSCRIPTS_PER_OUTCOME]
+        out[name] = {"elite": elite, "episodes": len(done), "shown": [t.to_json() for t in passed + failed]}
+    return out
 
 
 def combine(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -148,6 +185,6 @@ def report(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out.with_suffix(".json"), result)
-        out.with_suffix(".md").write_text(to_markdown(combined, len(runs)))
+        write_text_atomic(out.with_suffix(".md"), to_markdown(combined, len(runs)))
         console.print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return result
