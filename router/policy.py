@@ -88,7 +88,13 @@ class RoutingPolicy(BaseModel):
     )
     weights_header: str = Field("x-cycleqd-skill-weights", description='e.g. "code=0.7,db=0.3"')
     session_header: str = Field("x-session-id", description="keeps a multi-turn episode on one elite")
-    margin: float = Field(0.02, ge=0, description="elites within this of the best weighted score count as equal")
+    margin: float = Field(
+        0.005,
+        ge=0,
+        description="elites within this of the best weighted score count as equal (load or the session chooses among "
+        "them, and the response says x-cycleqd-tie); keep it below the score differences that matter and above the "
+        "calibration scores' resolution (1 / calibration items)",
+    )
     max_attempts: int = Field(3, ge=1, description="endpoints tried per request (only before the first byte)")
     classifier: ClassifierPolicy = Field(default_factory=ClassifierPolicy)
     fallback: str = Field(

@@ -6,6 +6,10 @@ equals: a request without a session goes to the least-loaded of them; a session 
 (highest-random-weight) hashing of its key picks, so every router replica picks the same elite for the same
 session without sharing any state, and when that elite fails the next in the same hash order takes over. The
 rest follow by value, as fallbacks.
+
+When two or more distinct elites are within the margin, the scores could not separate them: load or the session
+chose, not quality. The ranking says so (``Ranked.tied``), and the router passes it on in the ``x-cycleqd-tie``
+header and on ``/ui``, so an operator sees when the calibration scores are too close (or too coarse) to route by.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ def value(elite: EliteEntry, weights: Mapping[str, float]) -> float:
     return sum(w * scores.get(k, 0.0) for k, w in weights.items())
 
 
+class Ranked(list[EliteEntry]):
+    """Elites in the order to try them; ``tied`` holds the distinct ids within the margin of the best (the chosen
+    one first) when there are two or more of them, else it is empty."""
+
+    tied: tuple[str, ...] = ()
+
+
 def rank(
     elites: list[EliteEntry],
     weights: Mapping[str, float],
@@ -37,15 +48,16 @@ def rank(
     session: str | None = None,
     worth: Callable[[EliteEntry, Mapping[str, float]], float] = value,
     sample: Callable[[EliteEntry, Mapping[str, float]], float] | None = None,
-) -> list[EliteEntry]:
+) -> Ranked:
     """Healthy elites in the order to try them: the chosen one first, then fallbacks.
 
     ``worth`` is what an elite is worth for the weights (the scores, or outcome feedback's posterior means);
     ``sample``, when given, orders the equals of a request without a session by one draw each (exploration)
-    instead of by load. A session keeps its rendezvous order either way, so an episode stays on one elite."""
+    instead of by load. A session keeps its rendezvous order either way, so an episode stays on one elite.
+    ``tied`` of the result names the equals when the scores could not tell two or more elites apart."""
     live = [e for e in elites if healthy(e)]
     if not live:
-        return []
+        return Ranked()
     vals = {e.id: worth(e, weights) for e in live}
     best = max(vals.values())
     near = [e for e in live if vals[e.id] >= best - margin - 1e-12]
@@ -57,7 +69,10 @@ def rank(
     else:
         near.sort(key=lambda e: (load(e), -vals[e.id], e.id))
     rest = sorted((e for e in live if e not in near), key=lambda e: (-vals[e.id], e.id))
-    return near + rest
+    out = Ranked(near + rest)
+    if len(near) > 1 and len(tied := tuple(dict.fromkeys(e.id for e in near))) > 1:  # one elite on 2 engines: no tie
+        out.tied = tied
+    return out
 
 
 @dataclass

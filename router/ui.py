@@ -8,8 +8,9 @@
 The state comes from the router itself: the served manifest and breakers (read when the page asks), the
 Prometheus upstream-error counters, and :class:`UIState`, which ``router.app`` feeds from one call site (the end
 of every proxied request) with what the response headers say: the elite, the engine, the skill weights and the
-reason. It keeps a ring buffer of recent decisions and per-minute counters of the last half hour, in memory
-and per replica (a restart clears it; Prometheus and Grafana keep the long view).
+reason, and the tied elites (``x-cycleqd-tie``) when the scores could not separate the best. It keeps a ring
+buffer of recent decisions and per-minute counters of the last half hour, in memory and per replica (a restart
+clears it; Prometheus and Grafana keep the long view).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class UIState:
         self.recent.append({
             "time": now, "route": route, "status": status, "elite": elite, "engine": h.get("x-cycleqd-engine", ""),
             "reason": reason, "kind": reason_kind(reason), "weights": weights, "seconds": round(seconds, 4),
+            "tie": [t for t in h.get("x-cycleqd-tie", "").split(",") if t],  # equals the scores could not separate
         })  # fmt: skip
         minute = int(now // 60)
         if not self.minutes or self.minutes[-1].start != minute:
@@ -85,6 +87,7 @@ class UIState:
         m.by_reason[reason_kind(reason)] += 1
         self.totals["requests"] += 1
         self.totals["errors"] += error
+        self.totals["ties"] += "x-cycleqd-tie" in h
 
     def per_minute(self) -> dict[str, Any]:
         """Counts for each of the last minutes (oldest first, empty minutes included) by elite and reason."""
@@ -143,6 +146,11 @@ def snapshot(router: Router, ui: UIState) -> dict[str, Any]:
             "this_minute_rate": last.errors / last.requests if last.requests else 0.0,
         },
         "recent": list(reversed(ui.recent)),
+        "ties": {  # decisions among elites whose scores were within the routing margin (load or session chose)
+            "total": ui.totals["ties"],
+            "rate": ui.totals["ties"] / ui.totals["requests"] if ui.totals["requests"] else 0.0,
+            "margin": router.policy.margin,
+        },
     }
 
 

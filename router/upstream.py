@@ -72,6 +72,8 @@ async def forward(
             "x-cycleqd-reason": reason if attempt == 0 else f"{reason};fallback:{attempt}",
             "x-cycleqd-engine": engine,
         }
+        if tied := getattr(candidates, "tied", ()):  # the scores could not separate these: load or session chose
+            headers["x-cycleqd-tie"] = ",".join(tied)
         router.inflight[engine] += 1
         try:
             req = router.client.build_request("POST", url, content=payload, headers=sent)

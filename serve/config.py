@@ -141,6 +141,13 @@ class ServeConfig(BaseModel):
     measure_truncation: bool = Field(
         True, description="score each LoRA adapter's weights on validation and record the change (served_scores)"
     )
+    calibration_items: int | None = Field(
+        400,
+        ge=1,
+        description="calibration items per skill each served weight set is scored on: the scores the router weighs "
+        "(calibration_scores), so enough to separate close elites by more than the routing margin; at least the run's "
+        "calibration_items; null: the run's",
+    )
     tool_calling: ToolCalling = Field(
         default_factory=ToolCalling, description="tool-call parsing of every engine (agents need it on)"
     )

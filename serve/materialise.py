@@ -6,7 +6,9 @@
 
 Every served weight set is also scored on the **calibration** split (``calibration_scores``): elites were
 selected on validation, so their validation scores are the best of many noisy draws (the winner's curse), while
-calibration items were never seen by selection. The router weighs the calibration scores.
+calibration items were never seen by selection. The router weighs the calibration scores, so there are enough of
+them (``ServeConfig.calibration_items``, 400 per skill by default) that elites a few points apart are told apart by
+more than the routing margin instead of tying.
 """
 
 from __future__ import annotations
@@ -78,16 +80,27 @@ class Scorer:
     """Scores of weights, with the run's own evaluators, items and seed (so they compare with the archive's), on
     an engine in the dtype the weights are served in (so the scores describe exactly what is served)."""
 
-    def __init__(self, run_config: EvolveConfig, dtype: str = "float32") -> None:
+    def __init__(
+        self, run_config: EvolveConfig, dtype: str = "float32", *, calibration_items: int | None = None
+    ) -> None:
         self.engine = TransformersEngine.from_pretrained(run_config.resolved_population().base, dtype=dtype)
         self.config = run_config
         self.tasks = build_evaluators(run_config.skills)
+        #: Calibration items per skill (``calibration_size``): the router weighs these scores.
+        self.calibration_items = calibration_items or run_config.calibration_items
 
     def __call__(self, weights: dict, split: str = "validation") -> dict[str, float]:
         cfg = self.config
-        n = cfg.calibration_items if split == "calibration" else cfg.validation_items
+        n = self.calibration_items if split == "calibration" else cfg.validation_items
         self.engine.load_state_dict(weights)
         return score_skills(self.engine, self.tasks, split, n, seed=cfg.seed)  # type: ignore[arg-type]
+
+
+def calibration_size(cfg: ServeConfig, run_config: EvolveConfig) -> int:
+    """Calibration items per skill for the served weights: the serve config's, at least the run's."""
+    if cfg.calibration_items is None:
+        return run_config.calibration_items
+    return max(cfg.calibration_items, run_config.calibration_items)
 
 
 #: Prompts per skill and split that the manifest carries for the router's classifier.
@@ -118,7 +131,7 @@ def materialise(
     base_dir = run_config.resolved_population().base
     same_dtype = cfg.dtype == run_config.dtype
     if scorer is None:  # every served weight set gets calibration scores
-        scorer = Scorer(run_config, cfg.dtype)
+        scorer = Scorer(run_config, cfg.dtype, calibration_items=calibration_size(cfg, run_config))
     out: list[Artifact] = []
     full_model = None
     for sel in selected:

@@ -20,6 +20,7 @@ from serve.materialise import (
     Artifact,
     MaterialiseError,
     Scorer,
+    calibration_size,
     check_lora_rank,
     materialise,
     max_lora_rank,
@@ -78,10 +79,15 @@ def preflight(prep: Prepared) -> None:
 
 
 def build_supervisor(
-    prep: Prepared, *, on_materialised: Callable[[Artifact], None] | None = None
+    prep: Prepared, *, on_materialised: Callable[[Artifact], None] | None = None, scorer: Scorer | None = None
 ) -> tuple[Supervisor, list[Artifact]]:
+    """Materialise and score the selected elites and build the supervisor and the manifest it writes.
+
+    ``on_materialised`` is called after each elite, while ``scorer.engine`` still holds exactly its served weights
+    (``benchmarks/bench_routing_quality.py`` grades held-out tasks on them then)."""
     cfg = prep.cfg
-    scorer = Scorer(prep.run_config)  # calibration scores for every served elite
+    # calibration scores for every served elite
+    scorer = scorer or Scorer(prep.run_config, calibration_items=calibration_size(cfg, prep.run_config))
     artifacts = materialise(cfg, prep.run_config, prep.bases, prep.selected, scorer=scorer, on_done=on_materialised)
     by_id = {a.selected.id: a for a in artifacts}
     engines = []
