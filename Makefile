@@ -161,8 +161,11 @@ bubblewrap:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null); } || \
 	  echo "bubblewrap is not installed (needs root and apt-get): the OS sandbox tests will be skipped"
 
+# The 30 slowest steps are listed (where the time goes); the duration is printed, pass or fail, and pytest's exit
+# status is kept.
 test: $(STAMP) chromium redis bubblewrap
-	$(PY) -m pytest
+	@start=$$(date +%s); $(PY) -m pytest --durations=30 $(PYTEST_ARGS); rc=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s (pytest exit status $$rc)"; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

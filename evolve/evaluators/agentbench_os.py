@@ -580,9 +580,10 @@ class AgentBenchOsTask(EpisodeTask):
             if script is None:
                 script = cfg["example"]
             r = env.run_script(script[0], script[1], *params)
+            if r.timed_out:  # what a killed check printed by then depends on the machine's load: not part of why
+                return False, f"check {n} of {len(checks)} timed out"
             if not r.ok:
-                why = "timed out" if r.timed_out else f"exited {r.returncode}"
-                return False, f"check {n} of {len(checks)} {why}: {_tail(r.stderr or r.stdout)}"
+                return False, f"check {n} of {len(checks)} exited {r.returncode}: {_tail(r.stderr or r.stdout)}"
             params.append(r.stdout)
         return True, "every check passed"
 

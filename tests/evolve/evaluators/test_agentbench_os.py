@@ -247,7 +247,17 @@ def test_gold_control_subset_reproduces_excluded_json(task):
 def test_gold_control_full_recompute_matches_excluded_json(task):
     t0 = time.monotonic()
     passed, reasons = task.gold_control()
-    assert reasons == shipped_excluded()
+    shipped = shipped_excluded()
+    # a task whose outcome differs is run once more, alone: on a loaded machine an episode of 170 run four at a time
+    # can fail once for the load (seen once in CI: os/4/N225/0), and a task that really differs does so again
+    differ = sorted({i for i in set(reasons) | set(shipped) if reasons.get(i) != shipped.get(i)})
+    if differ:
+        print(f"run again alone: {differ}")
+        by_id = {i.id: i for i in task.all_items()}
+        again_passed, again = task.gold_control([by_id[i] for i in differ])
+        reasons = {i: r for i, r in reasons.items() if i not in differ} | again
+        passed = [i for i in passed if i not in differ] + again_passed
+    assert reasons == shipped
     assert len(passed) + len(reasons) == 170
     with_example = [i for i in task.all_items() if i.data["check"] is not None]
     ok = [i for i in with_example if i.id in set(passed)]
