@@ -16,7 +16,9 @@ from rich.table import Table
 
 from cycleqd.atomic import write_json_atomic
 from evolve.report import score_cycleqd
-from evolve.run import RUN_FILE, Evolution, EvolveConfig
+from evolve.run import Evolution
+from evolve.run_config import EvolveConfig
+from evolve.rundir import RUN_FILE
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "CycleQD": {},

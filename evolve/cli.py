@@ -171,7 +171,7 @@ def run(
         ".cache/demo/run"
     ),
     config: Annotated[
-        Path | None, typer.Option(help="YAML file overriding the defaults (see evolve/run.py EvolveConfig)")
+        Path | None, typer.Option(help="YAML file overriding the defaults (see evolve/run_config.py EvolveConfig)")
     ] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out exactly where it stopped")] = False,
     executor: Annotated[
@@ -185,7 +185,9 @@ def run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from evolve.config import ConfigError, load_yaml_model
-    from evolve.run import Evolution, EvolveConfig, load_run_config
+    from evolve.run import Evolution
+    from evolve.run_config import EvolveConfig
+    from evolve.rundir import load_run_config
 
     with user_errors():
         if resume and config is None:
@@ -252,7 +254,7 @@ def ablate(
     CycleQD's final models on test like the paper's ablation. An interrupted ablation resumes."""
     from evolve.ablate import ablate as run_ablation
     from evolve.config import load_yaml_model
-    from evolve.run import EvolveConfig
+    from evolve.run_config import EvolveConfig
 
     with user_errors():
         cfg = load_yaml_model(config, EvolveConfig) if config else EvolveConfig()
@@ -268,19 +270,19 @@ def export_lora(
 ) -> None:
     """Export an elite as a PEFT LoRA adapter over the base model, reporting the truncation error."""
     from evolve.lora import save_lora
-    from evolve.run import Evolution, RunError, load_run_config
+    from evolve.rundir import RunError, aggregate_genome, best_mean_elite, load_run
 
     with user_errors(ValueError):  # ValueError: a LoRA rank the model does not allow
-        ev = Evolution(run_dir, load_run_config(run_dir), resume=True)
+        config, state, bases = load_run(run_dir)
         if elite == "aggregate":
-            genome, _ = ev.aggregate_genome()
+            genome, _ = aggregate_genome(state)
         else:
-            eid = ev.best_mean_elite() if elite == "best" else elite
-            if eid not in ev.state.genomes:
-                known = ", ".join(sorted(ev.state.genomes)[:5])
+            eid = best_mean_elite(state) if elite == "best" else elite
+            if eid not in state.genomes:
+                known = ", ".join(sorted(state.genomes)[:5])
                 raise RunError(f"{run_dir}: no elite {eid!r} in the run (e.g. {known}); see its state.safetensors")
-            genome = ev.state.genomes[eid]
-        export = save_lora(ev.bases, genome, rank, out, base_model=str(ev.population.base))
+            genome = state.genomes[eid]
+        export = save_lora(bases, genome, rank, out, base_model=str(config.resolved_population().base))
     loss = f"{100 * export.truncation_error:.2f}%"
     console.print(f"wrote {out}: LoRA rank {export.rank}, truncation error {loss} of the task vector")
 

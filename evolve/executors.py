@@ -86,11 +86,11 @@ class Worker:
 
     def _build(self) -> None:
         from evolve.engines.hf import TransformersEngine
-        from evolve.genome import Bases
+        from evolve.rundir import load_bases
 
         spec = self.spec
         self.engine = TransformersEngine.from_pretrained(spec.base_model, dtype=spec.dtype, device=self.device)
-        self.bases = Bases.load(spec.svd_dir).to(self.engine.device)
+        self.bases = load_bases(spec.svd_dir).to(self.engine.device)
         self.tasks = build_evaluators(spec.skills)
 
     def score(self, genome: torch.Tensor) -> dict[str, float]:

@@ -14,31 +14,19 @@ Which tensors get SVD bases is decided by rule, not by one architecture's names 
 asked for (a tied head is one tensor, so it is decomposed once). Everything else (norms, biases, an embedding left
 out) carries one coefficient per expert.
 
-Bases are computed once (in float32, on whatever device the weights are on: a GPU makes the SVDs fast), stored
-as safetensors (never pickle) with a JSON manifest that records the rank cap and the reconstruction error it
-causes per expert.
+Bases are computed once (in float32, on whatever device the weights are on: a GPU makes the SVDs fast) and record
+the rank cap and the reconstruction error it causes per expert. This module is their maths only: a run stores them
+in its directory's ``svd/`` as safetensors, never pickle (written and read by :mod:`evolve.rundir`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from cycleqd.atomic import atomic_directory, read_versioned_json, recover
-from cycleqd.errors import UserError
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
 
 #: A parameter name with a numeric component (``model.layers.3.``, ``transformer.h.3.``): inside a decoder layer.
 LAYER_INDEX = re.compile(r"\.\d+\.")
@@ -68,10 +56,6 @@ def auto_rank(shape: Sequence[int], n_experts: int) -> int:
     ``K * r * (m + n + 1) <= m * n`` (at least 1, at most full rank)."""
     m, n = shape
     return max(1, min(min(m, n), (m * n) // (n_experts * (m + n + 1))))
-
-
-class BasisError(UserError):
-    """SVD bases that are missing, corrupt or do not match the model; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -191,48 +175,6 @@ class Bases:
             errors.append((err_num / err_den) ** 0.5 if err_den > 0 else 0.0)
         # A copy, never a view: materialising into the very model the base came from must not alter the base.
         return cls(list(experts), {k: v.detach().float().clone() for k, v in base.items()}, factors, errors, rank_cap)
-
-    # -- storage ---------------------------------------------------------------------------------------------
-    def save(self, directory: Path) -> None:
-        """``base.safetensors``, one ``{expert}.safetensors`` per expert and ``manifest.json``, written to a
-        temporary directory and swapped into place (``cycleqd.atomic.atomic_directory``)."""
-        with atomic_directory(Path(directory)) as tmp:
-            save_file({k: v.cpu().contiguous() for k, v in self.base.items()}, tmp / "base.safetensors")
-            for name, f in zip(self.experts, self.factors, strict=True):
-                save_file({k: v.cpu().contiguous() for k, v in f.items()}, tmp / f"{name}.safetensors")
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "experts": self.experts,
-                "rank_cap": self.rank_cap,
-                "reconstruction_error": dict(zip(self.experts, self.errors, strict=True)),
-                "genome_size": self.layout.size,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-    @classmethod
-    def load(cls, directory: Path) -> Bases:
-        directory = Path(directory)
-        path = directory / MANIFEST
-        if not path.is_file():  # a save killed between its two renames left the old bases aside: put them back
-            with contextlib.suppress(OSError):
-                recover(directory)
-        if not path.is_file():
-            raise BasisError(f"{path}: missing; {directory} holds no SVD bases")
-        manifest = read_versioned_json(path, FORMAT_VERSION, BasisError, "the SVD bases must be recomputed")
-        tensors = {}
-        for name in ["base", *manifest["experts"]]:
-            file = directory / f"{name}.safetensors"
-            try:
-                tensors[name] = load_file(file)
-            except (OSError, SafetensorError) as exc:
-                raise BasisError(f"{file}: missing or corrupt ({exc})") from exc
-        return cls(
-            manifest["experts"],
-            tensors["base"],
-            [tensors[e] for e in manifest["experts"]],
-            [manifest["reconstruction_error"][e] for e in manifest["experts"]],
-            manifest["rank_cap"],
-        )
 
     # -- placement -------------------------------------------------------------------------------------------
     @property

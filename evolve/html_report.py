@@ -31,7 +31,7 @@ from cycleqd.atomic import write_text_atomic
 from evolve import report_data as data
 from evolve.archive import SkillArchive
 from evolve.plots import curve_svg, elite_map_svg, lineage_svg, quality_range, scatter_svg
-from evolve.run import STATE_FILE, RunError, RunState, load_run_config
+from evolve.rundir import STATE_FILE, RunError, RunState, load_run_config
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1400px; }

@@ -39,28 +39,38 @@ class LoraExport:
     truncation_error: float
 
 
-def lora_factors(bases: Bases, genome: torch.Tensor, rank: int, roles: EmbeddingRoles | None = None) -> LoraExport:
-    """The adapter's factors per module. Without ``roles`` only the decoder layers' matrices are adapted."""
+def _adapted(bases: Bases, name: str, roles: EmbeddingRoles | None) -> bool:
+    """Whether the adapter carries tensor ``name``: a matrix with SVD bases in a decoder layer, or the embedding or
+    head when ``roles`` names them."""
+    module = name.removesuffix(".weight")
+    embedding = roles is not None and module in (roles.input, roles.output)
+    return not bases.layout.is_vector(name) and bool(LAYER_INDEX.search(name) or embedding)
+
+
+def check_rank(bases: Bases, rank: int, roles: EmbeddingRoles | None = None) -> int:
+    """Validate a per-expert ``rank`` from the factors' shapes alone (nothing is computed); return the adapter's
+    total rank, K * ``rank``, or raise ValueError saying what the bases allow."""
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-
-    def adapted(name: str) -> bool:
-        module = name.removesuffix(".weight")
-        embedding = roles is not None and module in (roles.input, roles.output)
-        return not bases.layout.is_vector(name) and bool(LAYER_INDEX.search(name) or embedding)
-
     # A matrix whose bases have fewer directions than ``rank`` (a GQA key projection, a capped basis) is padded
     # with zero directions: the adapter's rank is one number, and zeros change nothing. A rank above every
     # matrix's own adds only zeros, so it is refused.
-    allowed = max((seg.length for n, segs in bases.layout.by_name.items() if adapted(n) for seg in segs), default=0)
+    by_name = bases.layout.by_name
+    allowed = max((seg.length for n, segs in by_name.items() if _adapted(bases, n, roles) for seg in segs), default=0)
     if rank > allowed:
         raise ValueError(f"LoRA rank {rank} exceeds what the bases allow ({allowed}); choose at most {allowed}")
+    return rank * bases.layout.n_experts
+
+
+def lora_factors(bases: Bases, genome: torch.Tensor, rank: int, roles: EmbeddingRoles | None = None) -> LoraExport:
+    """The adapter's factors per module. Without ``roles`` only the decoder layers' matrices are adapted."""
+    total_rank = check_rank(bases, rank, roles)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     total_sq = dropped_sq = 0.0
     for name, segs in bases.layout.by_name.items():
         full = bases.delta(genome, name)
         total_sq += float(full.pow(2).sum())
-        if not adapted(name):
+        if not _adapted(bases, name, roles):
             dropped_sq += float(full.pow(2).sum())
             continue
         a_parts, b_parts = [], []
@@ -75,7 +85,7 @@ def lora_factors(bases: Bases, genome: torch.Tensor, rank: int, roles: Embedding
         factors[name.removesuffix(".weight")] = (a, b)
         dropped_sq += float((full - b @ a).pow(2).sum())
     error = (dropped_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
-    return LoraExport(factors, rank * bases.layout.n_experts, error)
+    return LoraExport(factors, total_rank, error)
 
 
 def merged_weights(base: dict[str, torch.Tensor], export: LoraExport) -> dict[str, torch.Tensor]:

@@ -256,7 +256,8 @@ def merge_search(
 ) -> dict[str, Any]:
     """Search merges for a run directory with the run's own validation budget (unless ``budget`` is given) and
     store the result as ``run_dir/merge_search.json`` (atomically)."""
-    from evolve.run import Evolution, load_run_config
+    from evolve.run import Evolution
+    from evolve.rundir import load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)

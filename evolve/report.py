@@ -22,7 +22,8 @@ from evolve.evaluators import score_skills
 from evolve.merge import get_method
 from evolve.merge_search import report_rows
 from evolve.models.hf import load_hf
-from evolve.run import STATE_FILE, Evolution, load_run_config
+from evolve.run import Evolution
+from evolve.rundir import STATE_FILE, load_run_config
 
 REPORT_FILE = "report.json"
 

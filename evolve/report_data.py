@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from evolve.archive import Elite, SkillArchive
-from evolve.run import RunState, best_mean_elite, mean_score
+from evolve.rundir import RunState, best_mean_elite, mean_score
 
 SPLIT_ORDER = ("validation", "calibration", "test")
 CURVES = (("coverage", "coverage (%)", 1), ("qd_score", "QD score", 2), ("best", "best quality (%)", 3))

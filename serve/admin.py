@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException
 from pydantic import BaseModel
 
 from cycleqd.auth import bearer_token, key_matches
-from evolve.run import RunError
+from evolve.rundir import RunError
 from serve.materialise import MaterialiseError
 from serve.supervisor import ServeError, Supervisor
 

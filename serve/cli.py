@@ -395,14 +395,13 @@ def route_episodes(
 
     import openai
 
-    from evolve.evaluators.episodes import EpisodeTask
-    from evolve.scoring import build_skill, load_skills
+    from evolve.evaluators import EpisodeTask
+    from evolve.export import config_skills
     from serve.manifest import load_manifest
     from serve.route_episodes import asker, oracle, route_skill
 
     with user_errors():
-        skills = load_skills(config)
-        tasks = [build_skill(skills, name) for name in (skill or list(skills.skills))]
+        tasks = config_skills(config, skill)
         for t in tasks:
             if not isinstance(t, EpisodeTask):
                 raise typer.BadParameter(f"skill {t.name!r} is not an episode skill", param_hint="--skill")
@@ -439,16 +438,15 @@ def route_episodes(
         line += f"; oracle mean {100 * omean:.1f}; routed/oracle {100 * mean / omean:.1f}%" if omean else ""
     console.print(line)
     if out is not None:
-        from evolve.scoring import write_rows
+        from cycleqd.atomic import write_text_atomic
 
-        write_rows(
-            out,
-            [
-                {"skill": r.skill, "elites": e, "reasons": why, **t.to_json()}
-                for r in routed
-                for t, e, why in zip(r.transcripts, r.elites, r.reasons, strict=True)
-            ],
-        )
+        rows = [
+            {"skill": r.skill, "elites": e, "reasons": why, **t.to_json()}
+            for r in routed
+            for t, e, why in zip(r.transcripts, r.elites, r.reasons, strict=True)
+        ]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         console.print(f"routed episodes: {out} ({json.dumps({r.skill: r.split for r in routed})} split)")
 
 

@@ -1,6 +1,6 @@
 """Turning selected genomes into weights an engine can serve.
 
-- ``lora``: a PEFT adapter over the run's base model (``evolve.lora``); its truncation cost is *measured*: the
+- ``lora``: a PEFT adapter over the run's base model (``evolve.export``); its truncation cost is *measured*: the
   adapter's merged weights are scored on the validation split (``served_scores``) next to the archive's scores.
 - ``full``: a complete Hugging Face model directory per elite (exact; one engine each).
 
@@ -13,21 +13,29 @@ more than the routing margin instead of tying.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cycleqd.errors import UserError
-from evolve.engines.hf import TransformersEngine
-from evolve.evaluators import build_evaluators, score_skills
-from evolve.genome import Bases
-from evolve.lora import lora_factors, merged_weights, save_lora
-from evolve.models.hf import embedding_roles, load_hf
-from evolve.models.modeling import save_model
-from evolve.run import EvolveConfig
+from evolve.export import Exporter, Scorer, exemplars, lora_rank
+from evolve.rundir import Bases, EvolveConfig
 from serve.config import ServeConfig
 from serve.manifest import SkillExemplars
 from serve.select import Selected
+
+__all__ = [
+    "EXEMPLARS",
+    "Artifact",
+    "MaterialiseError",
+    "Scorer",
+    "calibration_size",
+    "check_lora_rank",
+    "dir_name",
+    "materialise",
+    "max_lora_rank",
+    "skill_exemplars",
+]
 
 #: The adapter ranks vLLM accepts for ``--max-lora-rank``.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -68,32 +76,11 @@ def max_lora_rank(total_rank: int) -> int:
 def check_lora_rank(bases: Bases, rank: int, base_model: Path) -> int:
     """Validate ``rank`` (per expert) against the model and vLLM; return the total adapter rank."""
     try:
-        lora_factors(bases, bases.layout.expert(0), rank, embedding_roles(base_model))
+        total = lora_rank(bases, rank, base_model)
     except ValueError as exc:
         raise MaterialiseError(f"lora_rank {rank}: {exc}") from exc
-    total = rank * bases.layout.n_experts
     max_lora_rank(total)
     return total
-
-
-class Scorer:
-    """Scores of weights, with the run's own evaluators, items and seed (so they compare with the archive's), on
-    an engine in the dtype the weights are served in (so the scores describe exactly what is served)."""
-
-    def __init__(
-        self, run_config: EvolveConfig, dtype: str = "float32", *, calibration_items: int | None = None
-    ) -> None:
-        self.engine = TransformersEngine.from_pretrained(run_config.resolved_population().base, dtype=dtype)
-        self.config = run_config
-        self.tasks = build_evaluators(run_config.skills)
-        #: Calibration items per skill (``calibration_size``): the router weighs these scores.
-        self.calibration_items = calibration_items or run_config.calibration_items
-
-    def __call__(self, weights: dict, split: str = "validation") -> dict[str, float]:
-        cfg = self.config
-        n = self.calibration_items if split == "calibration" else cfg.validation_items
-        self.engine.load_state_dict(weights)
-        return score_skills(self.engine, self.tasks, split, n, seed=cfg.seed)  # type: ignore[arg-type]
 
 
 def calibration_size(cfg: ServeConfig, run_config: EvolveConfig) -> int:
@@ -107,15 +94,10 @@ def calibration_size(cfg: ServeConfig, run_config: EvolveConfig) -> int:
 EXEMPLARS = {"train": 150, "validation": 50, "test": 50}
 
 
-def skill_exemplars(run_config: EvolveConfig) -> dict[str, SkillExemplars]:
-    """Each skill's prompts per split, from the run's own evaluators (what the router's classifier learns)."""
-    tasks = build_evaluators(run_config.skills)
-    return {
-        name: SkillExemplars(
-            **{split: task.exemplars(split, n, seed=run_config.seed) for split, n in EXEMPLARS.items()}
-        )  # type: ignore[arg-type]
-        for name, task in tasks.items()
-    }
+def skill_exemplars(run_config: EvolveConfig, evaluators: Mapping | None = None) -> dict[str, SkillExemplars]:
+    """Each skill's prompts per split, from the run's own evaluators (what the router's classifier learns); pass
+    ``evaluators`` (a :class:`Scorer`'s ``tasks``) not to build them again."""
+    return {name: SkillExemplars(**ex) for name, ex in exemplars(run_config, EXEMPLARS, evaluators).items()}  # type: ignore[arg-type]
 
 
 def materialise(
@@ -128,39 +110,30 @@ def materialise(
     on_done: Callable[[Artifact], None] | None = None,
 ) -> list[Artifact]:
     """Write every selected elite's weights under ``cfg.out``; score what needs scoring."""
-    base_dir = run_config.resolved_population().base
     same_dtype = cfg.dtype == run_config.dtype
     if scorer is None:  # every served weight set gets calibration scores
         scorer = Scorer(run_config, cfg.dtype, calibration_items=calibration_size(cfg, run_config))
+    exporter = Exporter(bases, run_config.resolved_population().base, cfg.dtype)
     out: list[Artifact] = []
-    full_model = None
     for sel in selected:
         scores = sel.scores
         if scores is None:  # the aggregate: not in the archive, so scored here like every elite was
-            scores = scorer(bases.materialise(sel.genome))
+            scores = scorer(exporter.weights(sel.genome))
         if cfg.mode == "lora":
-            path = cfg.out / "adapters" / dir_name(sel.id)
             try:
-                export = save_lora(bases, sel.genome, cfg.lora_rank, path, base_model=str(base_dir))
+                made = exporter.lora(sel.genome, cfg.lora_rank, cfg.out / "adapters" / dir_name(sel.id))
             except ValueError as exc:
                 raise MaterialiseError(f"lora_rank {cfg.lora_rank}: {exc}") from exc
-            weights = merged_weights(bases.base, export)
-            served = scorer(weights) if cfg.measure_truncation else None
-            art = Artifact(sel, "lora", path, scores, served, export.rank, export.truncation_error)
-            art.calibration_scores = scorer(weights, "calibration")
+            served = scorer(made.weights) if cfg.measure_truncation else None
+            art = Artifact(sel, "lora", made.path, scores, served, made.lora_rank, made.truncation_error)
         else:
-            path = cfg.out / "models" / dir_name(sel.id)
-            if full_model is None:  # one model object in the served dtype, overwritten in place for each elite
-                full_model = load_hf(base_dir, dtype=cfg.dtype)
-            model, tokenizer = full_model
-            bases.materialise_into(sel.genome, {k: p.data for k, p in model.named_parameters()})
-            save_model(model, tokenizer, path, {"role": "elite", "elite": sel.id, "run": str(cfg.run)})
-            served_weights = {k: p.data for k, p in model.named_parameters()}
+            meta = {"role": "elite", "elite": sel.id, "run": str(cfg.run)}
+            made = exporter.full(sel.genome, cfg.out / "models" / dir_name(sel.id), meta)
             # The archive's scores are of these very weights unless serving rounds them to another dtype.
             rounded = not same_dtype and cfg.measure_truncation
-            served = scorer(served_weights) if rounded else dict(scores)
-            art = Artifact(sel, "full", path, scores, served)
-            art.calibration_scores = scorer(served_weights, "calibration")
+            served = scorer(made.weights) if rounded else dict(scores)
+            art = Artifact(sel, "full", made.path, scores, served)
+        art.calibration_scores = scorer(made.weights, "calibration")
         out.append(art)
         if on_done:
             on_done(art)

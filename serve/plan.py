@@ -75,15 +75,11 @@ class ModelSize:
 def model_size(base_dir: Path, dtype: str, total_rank: int | None) -> ModelSize:
     """Sizes from the checkpoint's headers (every shard) in the dtype the engine serves in (``auto``: the
     checkpoint's own). LoRA slots cover every 2-D weight of the decoder layers plus the embedding and head."""
-    from evolve.genome import LAYER_INDEX
-    from evolve.models.hf import inspect_model, resolve_dtype
+    from evolve.export import checkpoint_size
 
-    info = inspect_model(Path(base_dir))
-    nbytes = resolve_dtype(dtype, info).itemsize
-    matrices = [s for n, s in info.shapes.items() if len(s) == 2 and LAYER_INDEX.search(n)]
-    vocab, hidden = max(((s[0], s[1]) for s in info.shapes.values() if len(s) == 2), default=(0, 0))
-    per_rank = sum(m + n for m, n in matrices) + 2 * (vocab + hidden)
-    return ModelSize(info.n_params() * nbytes, per_rank * nbytes, per_rank * nbytes * (total_rank or 0))
+    size = checkpoint_size(Path(base_dir), dtype)
+    per_rank = size.lora_bytes_per_rank
+    return ModelSize(size.weights_bytes, per_rank, per_rank * (total_rank or 0))
 
 
 def make_plan(cfg: ServeConfig, elite_ids: list[str], size: ModelSize, *, max_lora_rank: int | None) -> Plan:

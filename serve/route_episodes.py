@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from evolve.evaluators.episodes import EpisodeTask, Message, Policy, Transcript
+from evolve.evaluators import EpisodeTask, Message, Policy, Transcript
 from serve.manifest import ServingManifest
 
 

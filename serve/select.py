@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from evolve.run import RunError, RunState, aggregate_genome, mean_score
+from evolve.rundir import RunError, RunState, aggregate_genome, mean_score
 from serve.config import Selection
 
 AGGREGATE_ID = "aggregate"

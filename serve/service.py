@@ -12,8 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from evolve.genome import Bases
-from evolve.run import EvolveConfig, RunState, load_run
+from evolve.rundir import Bases, EvolveConfig, RunState, load_run
 from serve.config import Selection, ServeConfig
 from serve.manifest import ServingManifest
 from serve.materialise import (
@@ -98,7 +97,7 @@ def build_supervisor(
         else:
             engines.append(Engine(ep, by_id[ep.elites[0]].path.resolve()))
     manifest = ServingManifest(
-        run=str(cfg.run), skills=list(prep.run_config.skills), exemplars=skill_exemplars(prep.run_config)
+        run=str(cfg.run), skills=list(prep.run_config.skills), exemplars=skill_exemplars(prep.run_config, scorer.tasks)
     )
 
     def materialise_one(elite_id: str) -> Artifact:

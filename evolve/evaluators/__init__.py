@@ -1,6 +1,6 @@
-"""Skills as evaluators: one interface (``base``), a registry of kinds (``registry``: world, jsonl, lm_eval,
-plugins and ``cycleqd.skills`` entry points), and the embedded skill world (``world``), whose three skills mirror
-the paper's coding, OS and database tasks."""
+"""Skills as evaluators: one interface (``base``; multi-turn skills in ``episodes``), a registry of kinds
+(``registry``: world, jsonl, lm_eval, plugins and ``cycleqd.skills`` entry points), and the embedded skill world
+(``world``), whose three skills mirror the paper's coding, OS and database tasks."""
 
 from __future__ import annotations
 
@@ -18,16 +18,21 @@ from evolve.evaluators.base import (
     TaskResult,
     format_prompt,
 )
+from evolve.evaluators.episodes import EpisodeTask, Message, Policy, Transcript
 
 __all__ = [
     "SKILL_NAMES",
     "SPLITS",
+    "EpisodeTask",
     "Evaluator",
     "EvaluatorError",
     "Item",
+    "Message",
+    "Policy",
     "SkillTask",
     "Split",
     "TaskResult",
+    "Transcript",
     "UnknownSkillError",
     "build_evaluators",
     "format_prompt",

@@ -91,7 +91,7 @@ DIR_FILES = ("a", "b", "sub/c")
 
 def _child(scenario: str, target: Path, k: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-S", "-c", CHILD, str(ROOT), scenario, str(target), str(k)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
 
 
 def _make_dir(path: Path, tag: str) -> None:
@@ -230,7 +230,7 @@ def test_a_live_writers_temporary_is_not_taken_for_a_dead_ones(tmp_path):
         tmp.write_text("new")
         recover(target)  # in this process
         other = subprocess.run(
-            [sys.executable, "-S", "-c", CHILD, str(ROOT), "recover", str(target), "0"], check=False, timeout=60
+            [sys.executable, "-S", "-c", CHILD, str(ROOT), "recover", str(target), "0"], check=False, timeout=600
         )  # and in another one
         assert other.returncode == 0 and tmp.read_text() == "new"
     assert target.read_text() == "new" and _leftovers(target) == []

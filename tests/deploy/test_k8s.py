@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from evolve.run import EvolveConfig
+from evolve.run_config import EvolveConfig
 from router.policy import RoutingPolicy
 from serve.config import ServeConfig
 
@@ -62,7 +62,7 @@ def test_commands_exist_with_their_options(command):
     script, sub, *args = command
     assert script in MODULES, script
     help_text = subprocess.run(
-        [sys.executable, "-m", MODULES[script], sub, "--help"], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", MODULES[script], sub, "--help"], capture_output=True, text=True, timeout=600,
         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
     ).stdout  # fmt: skip
     assert "Usage" in help_text, (script, sub)

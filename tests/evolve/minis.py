@@ -6,7 +6,7 @@ from pathlib import Path
 
 from evolve.config import BootstrapConfig, PhaseConfig
 from evolve.models.modeling import ArchSpec
-from evolve.run import EvolveConfig
+from evolve.run_config import EvolveConfig
 
 
 def mini_bootstrap_config(**kw) -> BootstrapConfig:

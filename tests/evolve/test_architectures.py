@@ -20,7 +20,9 @@ import torch
 
 from evolve.genome import LAYER_INDEX
 from evolve.models.hf import ModelError, check_population, embedding_roles, load_hf
-from evolve.run import Evolution, EvolveConfig, archive_ids, genomes_equal
+from evolve.run import Evolution
+from evolve.run_config import EvolveConfig
+from evolve.rundir import archive_ids, genomes_equal
 
 SKILLS = ["code", "os"]
 ARCHS = ["llama", "qwen2", "mistral"]
@@ -177,7 +179,7 @@ def test_mismatched_experts_and_unsafe_checkpoints_are_refused_before_any_work(p
     (tmp_path / "evolve.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     out = subprocess.run(
         [sys.executable, "-m", "evolve", "run", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "evolve.yaml")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert out.returncode == 2 and "bad/config.json" in out.stderr and "num_hidden_layers" in out.stderr, out.stderr
     assert not (tmp_path / "run").exists()
@@ -188,7 +190,7 @@ VLLM_SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     from evolve.engines.vllm_engine import VLLMEngine
-    from evolve.run import load_run
+    from evolve.rundir import load_run
     run, mode, elite_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     prompts = [f"Return x plus {i}." for i in range(12)] + [("List the files in /etc. " * 8) + str(i) for i in range(4)]
     if mode == "update":  # the base's engine, then the elite written into it in place
@@ -224,7 +226,7 @@ def test_vllm_engine_updated_in_place_decodes_like_one_loaded_with_the_elite(pop
     for mode in ("update", "fresh"):
         out = subprocess.run(
             [sys.executable, "-c", VLLM_SCRIPT, str(tmp_path / "run"), mode, str(tmp_path / "elite")],
-            capture_output=True, text=True, env=env, timeout=600,
+            capture_output=True, text=True, env=env, timeout=1800,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
         outs[mode] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -9,7 +9,7 @@ import pytest
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evolve", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "evolve", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
 def test_help_lists_bootstrap():

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from evolve.run import Evolution, RunError, archive_ids, genomes_equal
+from evolve.run import Evolution
+from evolve.rundir import RunError, archive_ids, genomes_equal
 from tests.evolve.minis import mini_evolve_config
 
 
@@ -61,7 +62,7 @@ def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_sta
 
     import yaml
 
-    from evolve.run import RunState
+    from evolve.rundir import RunState
 
     ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
@@ -70,7 +71,7 @@ def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_sta
     started = subprocess.run(
         [ray_bin, "start", "--head", "--num-cpus", "2", "--port", port, "--include-dashboard", "false",
          "--disable-usage-stats", "--temp-dir", short],
-        capture_output=True, text=True, env=env, timeout=180,
+        capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     try:
@@ -78,7 +79,7 @@ def test_ray_executor_joins_an_existing_cluster(tmp_path, mini_models, local_sta
         (tmp_path / "evolve.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         out = subprocess.run(
             [sys.executable, "-m", "evolve", "run", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "evolve.yaml")],
-            capture_output=True, text=True, env=env, timeout=600,
+            capture_output=True, text=True, env=env, timeout=1200,
         )  # fmt: skip
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         on_cluster = RunState.load(tmp_path / "run" / "state.safetensors")
@@ -118,13 +119,13 @@ def test_with_device_cuda_each_ray_actor_holds_its_own_gpu(tmp_path):
     started = subprocess.run(
         [ray_bin, "start", "--head", "--num-cpus", "2", "--num-gpus", "2", "--port", port, "--include-dashboard",
          "false", "--disable-usage-stats", "--temp-dir", short],
-        capture_output=True, text=True, env=env, timeout=180,
+        capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     try:
         out = subprocess.run(
             [sys.executable, "-c", PLACEMENT_SCRIPT, f"127.0.0.1:{port}"],
-            capture_output=True, text=True, env=env, timeout=300,
+            capture_output=True, text=True, env=env, timeout=1200,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
         placements = json.loads(out.stdout.strip().splitlines()[-1])

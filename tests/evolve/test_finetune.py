@@ -227,7 +227,8 @@ def test_two_tiny_experts_from_smollm2(smollm2_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "db")
     assert model.config.tie_word_embeddings and model.num_parameters() == 134515008
     # ... and one generation of CycleQD over them (chat format, auto rank cap), as a user's population
-    from evolve.run import Evolution, EvolveConfig
+    from evolve.run import Evolution
+    from evolve.run_config import EvolveConfig
 
     cfg = EvolveConfig(
         population={"base": smollm2_dir, "experts": {s: tmp_path / s for s in ("code", "db")}},

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from evolve.engines.hf import TransformersEngine
-from evolve.genome import Bases, BasisError
+from evolve.genome import Bases
 from evolve.merge import METHODS, merge
+from evolve.rundir import BasisError, load_bases, save_bases
 
 SKILLS = ["code", "os", "db"]
 
@@ -96,17 +97,17 @@ def test_wrong_genome_or_model_is_refused(family):
 def test_save_load_round_trip_and_corruption(tmp_path, family):
     base, experts = family
     bases = Bases.compute(base, experts, rank_cap=4)
-    bases.save(tmp_path / "svd")
-    again = Bases.load(tmp_path / "svd")
+    save_bases(tmp_path / "svd", bases)
+    again = load_bases(tmp_path / "svd")
     assert again.experts == SKILLS and again.rank_cap == 4 and again.errors == bases.errors
     g = torch.rand(bases.layout.size)
     assert _close(again.materialise(g), bases.materialise(g), tol=0)
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in (tmp_path / "svd").iterdir())
     (tmp_path / "svd" / "os.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(BasisError, match=r"os\.safetensors"):
-        Bases.load(tmp_path / "svd")
+        load_bases(tmp_path / "svd")
     with pytest.raises(BasisError, match="holds no SVD bases"):
-        Bases.load(tmp_path)
+        load_bases(tmp_path)
 
 
 def test_materialising_into_the_model_the_base_came_from_keeps_the_base(tiny_model):

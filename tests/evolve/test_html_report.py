@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from evolve.cli import app
 from evolve.html_report import render_html, served_ids
 from evolve.report_data import ancestry, curves_from_history, reconstruct_curves
-from evolve.run import STATE_FILE, Evolution, RunState
+from evolve.run import Evolution
+from evolve.rundir import STATE_FILE, RunState
 from tests.chromium import Elements, dump_dom, needs_chromium, screenshot
 from tests.evolve.minis import mini_evolve_config
 

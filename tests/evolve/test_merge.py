@@ -221,7 +221,7 @@ def test_crossover_and_the_aggregate_are_task_arithmetic_on_genomes():
         old_child, old_w = _old_crossover(parents, cfg, torch.Generator().manual_seed(seed))
         assert w == old_w and torch.equal(child, old_child)
 
-    from evolve.run import aggregate_genome
+    from evolve.rundir import aggregate_genome
 
     archives = {s: SimpleNamespace(stats=SimpleNamespace(best_id=f"e{i}", best=q)) for i, (s, q) in
                 enumerate([("code", 0.4), ("os", 0.9), ("db", 0.1)])}  # fmt: skip

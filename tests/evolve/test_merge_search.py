@@ -61,7 +61,8 @@ def test_bad_budget_is_refused():
 
 
 def test_on_a_run_it_equals_or_beats_the_plain_average_within_the_budget(mini_run):
-    from evolve.run import Evolution, load_run_config
+    from evolve.run import Evolution
+    from evolve.rundir import load_run_config
 
     ev = Evolution(mini_run, load_run_config(mini_run), resume=True)
     k = len(ev.config.skills)

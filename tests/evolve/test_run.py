@@ -16,7 +16,8 @@ from rich.console import Console
 from safetensors import safe_open
 
 from evolve.report import report
-from evolve.run import STATE_FILE, Evolution, RunError, RunState, archive_ids, genomes_equal
+from evolve.run import Evolution
+from evolve.rundir import STATE_FILE, RunError, RunState, archive_ids, genomes_equal
 from tests.evolve.minis import mini_evolve_config
 
 
@@ -60,7 +61,7 @@ def _generation(path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_point_then_resume_gives_the_uninterrupted_archive(tmp_path, mini_models):
+def test_sigkill_at_a_random_point_then_resume_gives_the_uninterrupted_archive(tmp_path, mini_models, spawn):
     cfg = mini_evolve_config(mini_models, generations=10)
     reference = Evolution(tmp_path / "ref", cfg)
     reference.run()
@@ -69,8 +70,8 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_uninterrupted_archive(t
     cmd = [sys.executable, "-m", "evolve", "run", "--out", str(run_dir), "--config", str(tmp_path / "cfg.yaml")]
     rng = random.Random(os.getpid())
     target = rng.randint(1, 8)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 1200  # a hang guard: the loop ends on the target generation
     while _generation(run_dir / STATE_FILE) < target and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(rng.random() * 0.5)  # somewhere inside the next generation (or its save)
@@ -78,7 +79,7 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_uninterrupted_archive(t
     proc.wait()
     stopped_at = _generation(run_dir / STATE_FILE)
     assert 1 <= stopped_at <= 10
-    out = subprocess.run([*cmd[:-2], "--resume"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*cmd[:-2], "--resume"], capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr
     # stdout is a pipe, not a terminal: one plain progress line per generation (a tenth of 10), from the resumed one
     logged = [int(ln.split("/")[0]) for ln in out.stdout.splitlines() if "/10 generations:" in ln]
@@ -196,15 +197,15 @@ def test_export_lora_cli(tmp_path, mini_models):
     Evolution(tmp_path / "r", mini_evolve_config(mini_models, generations=1)).run()
     base = [sys.executable, "-m", "evolve", "export-lora", "--run", str(tmp_path / "r")]
     out = subprocess.run(
-        [*base, "--out", str(tmp_path / "a"), "--rank", "4"], capture_output=True, text=True, timeout=120
+        [*base, "--out", str(tmp_path / "a"), "--rank", "4"], capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file() and "truncation error" in out.stdout
     out = subprocess.run(
-        [*base, "--out", str(tmp_path / "b"), "--elite", "nope"], capture_output=True, text=True, timeout=120
+        [*base, "--out", str(tmp_path / "b"), "--elite", "nope"], capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 2 and "no elite 'nope'" in out.stderr and not (tmp_path / "b").exists()
     out = subprocess.run(
-        [*base, "--out", str(tmp_path / "c"), "--rank", "999"], capture_output=True, text=True, timeout=120
+        [*base, "--out", str(tmp_path / "c"), "--rank", "999"], capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 2 and "exceeds what" in out.stderr and not (tmp_path / "c").exists()

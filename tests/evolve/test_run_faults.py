@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evolve.run import STATE_FILE, Evolution, RunError, RunState, archive_ids, genomes_equal
+from evolve.run import Evolution
+from evolve.rundir import STATE_FILE, RunError, RunState, archive_ids, genomes_equal
 from tests.evolve.minis import mini_evolve_config
 
 
@@ -28,7 +29,7 @@ def _can_mount(probe: Path) -> bool:
         return False
     probe.mkdir(parents=True, exist_ok=True)
     cmd = ["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs"]
-    return subprocess.run([*cmd, str(probe)], capture_output=True, timeout=30).returncode == 0
+    return subprocess.run([*cmd, str(probe)], capture_output=True, timeout=300).returncode == 0
 
 
 def test_a_failed_save_is_a_run_error_and_leaves_nothing_behind(tmp_path):

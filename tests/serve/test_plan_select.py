@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evolve.run import RunError, load_run
+from evolve.rundir import RunError, load_run
 from serve.config import Device, Selection, ServeConfig
 from serve.manifest import ManifestError, ServingManifest, load_manifest, save_manifest
 from serve.materialise import MaterialiseError, check_lora_rank, max_lora_rank
@@ -172,7 +172,7 @@ def test_manifest_round_trip_and_clear_errors(tmp_path):
 
 def _serve(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="200")  # rich tables at full width, so names are not wrapped
-    return subprocess.run([sys.executable, "-m", "serve", *args], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run([sys.executable, "-m", "serve", *args], capture_output=True, text=True, timeout=900, env=env)
 
 
 def _config(tmp_path, **kw) -> str:

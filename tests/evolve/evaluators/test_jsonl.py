@@ -352,7 +352,7 @@ def test_the_run_command_reports_a_bad_line_with_exit_code_2(tmp_path):
         "--out",
         str(tmp_path / "r"),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2
     assert 'math.jsonl: line 2: no "prompt"' in " ".join(out.stderr.split())
     assert not (tmp_path / "r").exists()  # nothing was started

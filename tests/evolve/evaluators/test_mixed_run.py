@@ -14,7 +14,8 @@ import yaml
 from rich.console import Console
 
 from evolve.report import report
-from evolve.run import STATE_FILE, Evolution, RunState, archive_ids, genomes_equal
+from evolve.run import Evolution
+from evolve.rundir import STATE_FILE, RunState, archive_ids, genomes_equal
 from tests.evolve.evaluators.data import lm_eval_task, shop_database, sql_jsonl
 from tests.evolve.minis import mini_evolve_config
 from tests.evolve.test_run import _generation

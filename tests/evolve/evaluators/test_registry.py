@@ -13,7 +13,7 @@ from evolve.evaluators.base import Evaluator, EvaluatorError
 from evolve.evaluators.registry import build
 from evolve.evaluators.specs import ENTRY_POINT_GROUP, PluginSpec, WorldSpec, entry_point_names
 from evolve.evaluators.world.code import CodeTask
-from evolve.run import EvolveConfig
+from evolve.run_config import EvolveConfig
 from tests.evolve.evaluators.data import lm_eval_task, shop_database, sql_jsonl
 
 

@@ -44,7 +44,7 @@ def test_vllm_cpu_decodes_like_the_transformers_engine(tmp_path, tiny_tokenizer)
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     out = subprocess.run(
         [sys.executable, "-c", VLLM_SCRIPT, str(tmp_path / "m"), json.dumps(prompts)],
-        capture_output=True, text=True, timeout=400, env=env,
+        capture_output=True, text=True, timeout=1800, env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT"))[6:])
