@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hashlib
-import json
 import logging
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,16 +22,17 @@ import httpx
 
 from cycleqd.auth import engine_key
 from cycleqd.configfile import ConfigError, load_yaml_model
+from router.conversation import conversation_key
+from router.errors import APIError
 from router.feedback import Feedback
 from router.limits import Metrics, TokenBucket
 from router.manifests import ManifestSet
 from router.policy import RoutingPolicy
-from router.protocol import APIError, content_text, input_messages
 from router.selection import Breaker, normalise, parse_weights, rank, value
 from serve.manifest import EliteEntry, Health, ServingManifest
 
 if TYPE_CHECKING:
-    from router.workers import WorkerSync
+    from router.policy_sync import WorkerSync
 
 log = logging.getLogger("cycleqd.router")
 
@@ -51,6 +51,41 @@ def alias_problems(policy: RoutingPolicy, skills: list[str]) -> list[str]:
                 f"(it serves {', '.join(skills)}); fix field 'aliases.{name}' of the policy"
             )
     return out
+
+
+@dataclass
+class Table:
+    """What decisions read of one policy over one merged manifest, worked out once for the pair: a decision only
+    looks things up. Built again when either is replaced (a reload, a changed manifest)."""
+
+    policy: RoutingPolicy
+    manifest: ServingManifest
+    #: Elites by id, one entry per manifest that serves it.
+    elites: dict[str, list[EliteEntry]] = field(default_factory=dict)
+    engines: dict[str, Any] = field(default_factory=dict)
+    #: Each alias with fixed weights: its normalised weights, or why the manifest cannot serve it.
+    weights: dict[str, dict[str, float] | str] = field(default_factory=dict)
+    uniform: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, policy: RoutingPolicy, manifest: ServingManifest) -> Table:
+        t = cls(policy, manifest, engines={e.id: e for e in manifest.engines})
+        for e in manifest.elites:
+            t.elites.setdefault(e.id, []).append(e)
+        for name, alias in policy.aliases.items():
+            if isinstance(alias, dict):
+                problems = alias_problems(policy.model_copy(update={"aliases": {name: alias}}), manifest.skills)
+                t.weights[name] = (
+                    f"{problems[0]} (the manifest changed after the policy was loaded)"
+                    if problems
+                    else normalise(alias)
+                )
+        t.uniform = {k: 1.0 / len(manifest.skills) for k in manifest.skills}
+        return t
+
+    def ready(self, elite: EliteEntry) -> bool:
+        engine = self.engines.get(elite.engine_id)
+        return engine is not None and engine.health == Health.READY
 
 
 class Router:
@@ -84,11 +119,22 @@ class Router:
         self.classifier_task: asyncio.Future[None] | None = None  # the background build at start-up
         self.classifier_error: str | None = None
         self.feedback = Feedback(policy.feedback)  # outcome feedback's posteriors (off unless the policy says)
+        self._table: Table | None = None
 
     # -- state -----------------------------------------------------------------------------------------------
     @property
     def manifest(self) -> ServingManifest | None:
         return self.manifests.merged
+
+    @property
+    def table(self) -> Table | None:
+        """The decision's lookups for the current policy and manifest (None without a manifest)."""
+        t, pol, m = self._table, self.policy, self.manifests.merged
+        if t is None or t.policy is not pol or t.manifest is not m:
+            if m is None:
+                return None
+            t = self._table = Table.of(pol, m)
+        return t
 
     def refresh_manifest(self, force: bool = False) -> None:
         """Re-read changed manifest files (at most once a second unless forced; URLs only when forced)."""
@@ -222,16 +268,17 @@ class Router:
         return b
 
     def healthy(self, elite: EliteEntry) -> bool:
-        assert self.manifest is not None
-        return self.manifest.health_of(elite) == Health.READY and self.breaker(elite.engine_id).allows()
+        t = self.table
+        assert t is not None
+        return t.ready(elite) and self.breaker(elite.engine_id).allows()
 
     # -- decisions -------------------------------------------------------------------------------------------
     def needs_classifier(self, body: dict[str, Any], headers: Any) -> bool:
         """Whether ``decide`` will run the classifier: model 'auto'-like alias and no weights header."""
-        m, model = self.manifest, body.get("model")
-        if m is None or any(e.id == model for e in m.elites):
+        t, model = self.table, body.get("model")
+        if t is None or model in t.elites:
             return False
-        return self.policy.aliases.get(model) == "auto" and self.policy.weights_header not in headers
+        return t.policy.aliases.get(model) == "auto" and t.policy.weights_header not in headers
 
     def classify(self, text: str) -> dict[str, float] | None:
         """Skill weights of the text; None when it is far from every skill (or the manifest has no exemplars)."""
@@ -249,32 +296,29 @@ class Router:
 
     def decide(self, body: dict[str, Any], headers: Any, text: str) -> tuple[list[EliteEntry], dict[str, float], str]:
         """Ordered candidates, the skill weights and the reason."""
-        pol, m = self.policy, self.manifest
-        if m is None:
-            where = ", ".join(pol.manifests)
+        t = self.table
+        if t is None:
+            where = ", ".join(self.policy.manifests)
             raise APIError(503, f"no serving manifest at {where} yet; is cycleqd-serve running?", "no_manifest")
+        pol, m = t.policy, t.manifest
         model = body["model"]
-        same = [e for e in m.elites if e.id == model]  # one per manifest that serves it
-        if same:
+        if same := t.elites.get(model):  # one per manifest that serves it
             live = sorted((e for e in same if self.healthy(e)), key=lambda e: self.inflight[e.engine_id])
             if not live:
                 raise APIError(503, f"elite {model!r} is not healthy right now; retry later or use model 'auto'")
-            return live, {k: 1.0 / len(m.skills) for k in m.skills}, "pinned"
+            return live, t.uniform, "pinned"
         if model not in pol.aliases:
-            names = ", ".join(list(dict.fromkeys([*pol.aliases, *(e.id for e in m.elites)]))[:12])
+            names = ", ".join(list(dict.fromkeys([*pol.aliases, *t.elites]))[:12])
             raise APIError(
                 404,
                 f"the model {model!r} does not exist; use an alias or an elite id: {names}",
                 "model_not_found",
                 "model",
             )
-        alias = pol.aliases[model]
-        if isinstance(alias, dict):
-            if problems := alias_problems(pol.model_copy(update={"aliases": {model: alias}}), m.skills):
-                raise APIError(
-                    503, f"{problems[0]} (the manifest changed after the policy was loaded)", "alias_not_served"
-                )
-            weights, reason = normalise(alias), f"alias:{model}"
+        if isinstance(fixed := t.weights.get(model), str):
+            raise APIError(503, fixed, "alias_not_served")
+        if fixed is not None:
+            weights, reason = fixed, f"alias:{model}"
         elif pol.weights_header in headers:
             try:
                 weights, reason = parse_weights(headers[pol.weights_header], m.skills), "header"
@@ -283,7 +327,7 @@ class Router:
         else:
             weights, reason = self.classify(text), "classifier"  # type: ignore[assignment]
             if weights is None:  # far from every skill: the policy's fallback (best mean, or a given elite)
-                weights, reason = {k: 1.0 / len(m.skills) for k in m.skills}, "out_of_domain"
+                weights, reason = t.uniform, "out_of_domain"
         explicit = headers.get(pol.session_header)
         fb = self.feedback
         ranked = rank(
@@ -296,33 +340,3 @@ class Router:
         if reason == "out_of_domain" and pol.fallback != "best_mean":
             ranked.sort(key=lambda e: e.id != pol.fallback)  # the configured default first, the rest as retries
         return ranked, weights, reason + (":session" if explicit else "")
-
-
-def conversation_key(body: dict[str, Any]) -> str | None:
-    """The episode a chat belongs to, from what its first turn already has: every message up to and including the
-    first user message (the system prompt and the task). Later turns only append (assistant replies, tool calls and
-    results, more user messages), so turn 1 and every later turn hash alike and land on the same elite, on every
-    replica. A chat with no user message, and a plain completion, have no key (they go by load).
-
-    A Responses request is keyed the same way over its instructions (as a system message) and its input messages,
-    so every turn of a Responses tool loop stays on one elite too. There a message's content may be a string on one
-    turn and ``[{"type": "input_text", ...}]`` on the next (clients rebuild the input), so text-only content is keyed
-    by its text; a string ``input`` is the user message it stands for."""
-    if "input" in body and "messages" not in body:
-        msgs: Any = [{"role": m["role"], "content": _plain(m["content"])} for m in input_messages(body)]
-    else:
-        msgs = body.get("messages")
-    if not isinstance(msgs, list):
-        return None
-    for i, msg in enumerate(msgs):
-        if isinstance(msg, dict) and msg.get("role") == "user":
-            head = [[m.get("role"), m.get("content")] for m in msgs[: i + 1] if isinstance(m, dict)]
-            return hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode()).hexdigest()
-    return None
-
-
-def _plain(content: Any) -> Any:
-    """Text-only content as its text (parts joined as ``content_text`` joins them); anything else as it is."""
-    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
-        return content_text(content)
-    return content

@@ -1,5 +1,6 @@
-"""Outcome feedback: agents report how a routed request went (``POST /v1/feedback``), and the router learns which
-elite is really good at what, starting from what the archive claimed.
+"""Outcome feedback's posteriors: agents report how a routed request went (``POST /v1/feedback``, in
+``router.routes.feedback``), and the router learns which elite is really good at what, starting from what the
+archive claimed.
 
 Per (elite, skill) the router keeps a Beta posterior of success. Its prior is the elite's routing (calibration)
 score s, worth ``prior_strength`` n0 outcomes: Beta(s * n0, (1 - s) * n0), so with no feedback the posterior mean
@@ -12,7 +13,7 @@ Reads never touch the store on the request path: the evidence is cached here, up
 feedback and re-read from a shared store every ``sync_s`` (``keep_in_sync``, a task of the app's lifespan).
 
 ``store: memory`` is the router's memory: in one process a dict; with ``--workers N`` a SQLite file in the
-supervisor's private state directory (``router.workers.shared_feedback_file``, removed at exit), since a feedback
+supervisor's private state directory (``router.policy_sync.shared_feedback_file``, removed at exit), since a feedback
 may reach another worker than the one that answered, and every worker must learn from all of them.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import threading
 import time
@@ -28,9 +28,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fastapi import Request
-
 from cycleqd.configfile import ConfigError
+from router.errors import APIError
 from router.feedback_stores import (
     ALREADY_RATED,
     Evidence,
@@ -40,9 +39,8 @@ from router.feedback_stores import (
     SQLiteStore,
     Store,
 )
-from router.limits import Metrics
 from router.policy import FeedbackPolicy
-from router.protocol import APIError, parse_json
+from router.policy_sync import shared_feedback_file
 from serve.manifest import EliteEntry, ServingManifest
 
 log = logging.getLogger("cycleqd.router")
@@ -51,17 +49,12 @@ log = logging.getLogger("cycleqd.router")
 #: is 404: the worker or replica that answered writes its attribution within milliseconds, but the agent may be
 #: faster, and a busy event loop slower.
 RETRY_UNKNOWN_S = (0.05, 0.1, 0.2, 0.4, 0.8)
-#: A feedback body is a few ids and a number.
-MAX_FEEDBACK_BYTES = 16_384
-_FIELDS = {"request_id", "session_id", "score"}
 
 
 def open_store(policy: FeedbackPolicy) -> Store:
     """The policy's store. ``memory`` in a worker of ``--workers N``: the workers' shared SQLite file (see the
     module's doc), bounded like the memory store by ``max_attributions``."""
     if policy.store == "memory":
-        from router.workers import shared_feedback_file
-
         shared = shared_feedback_file()
         if shared is None:
             return MemoryStore(policy.max_attributions)
@@ -292,57 +285,3 @@ async def keep_in_sync(current: Callable[[], Feedback]) -> None:
             loaded = time.monotonic()
         if fb.sync_error is not None:  # the store is down: the attributions stay queued; retry in sync_s, not at once
             await asyncio.sleep(fb.policy.sync_s)
-
-
-def parse_feedback(body: Any) -> tuple[str | None, str | None, float]:
-    """(request_id, session_id, score) of a feedback body; APIError 400 naming the field otherwise."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object: {request_id | session_id, score}")
-    if unknown := sorted(set(body) - _FIELDS):
-        raise APIError(400, f"unrecognized field(s): {', '.join(unknown)}; expected request_id or session_id, and "
-                       "score", "invalid_request", unknown[0])  # fmt: skip
-    rid, sid, score = body.get("request_id"), body.get("session_id"), body.get("score")
-    if (rid is None) == (sid is None):
-        raise APIError(400, "give exactly one of request_id (the x-request-id of the answer) and session_id",
-                       "invalid_request", "request_id")  # fmt: skip
-    for name, v in (("request_id", rid), ("session_id", sid)):
-        if v is not None and (not isinstance(v, str) or not v or len(v) > 256):
-            raise APIError(400, f"{name} must be a non-empty string of at most 256 characters", "invalid_request", name)
-    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
-        raise APIError(400, "score must be a number in [0, 1] (1: the task succeeded)", "invalid_score", "score")
-    if not 0.0 <= score <= 1.0:
-        raise APIError(400, f"score {score} is outside [0, 1]", "invalid_score", "score")
-    return rid, sid, float(score)
-
-
-async def read_body(request: Request, limit: int = MAX_FEEDBACK_BYTES) -> bytes:
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise APIError(413, f"request body exceeds {limit} bytes", "request_too_large")
-    return raw
-
-
-async def post_feedback(fb: Feedback, request: Request, metrics: Metrics) -> dict[str, Any]:
-    """The ``POST /v1/feedback`` handler's work, counted in the metrics by result (accepted, or the error code)."""
-    try:
-        if not fb.enabled:
-            raise APIError(404, "outcome feedback is off: set feedback.enabled in the routing policy",
-                           "feedback_disabled")  # fmt: skip
-        rid, sid, score = parse_feedback(parse_json(await read_body(request)))
-        try:
-            served = await fb.rate_async(rid, sid, score)
-        except APIError:
-            raise
-        except Exception as exc:  # the store is down: nothing was counted
-            log.error("feedback not stored: %s: %s", type(exc).__name__, exc)
-            raise APIError(503, f"the feedback store ({fb.policy.store}) is unavailable; retry later",
-                           "feedback_store_unavailable") from exc  # fmt: skip
-    except APIError as exc:
-        metrics.feedback.labels(exc.code or "invalid_request").inc()
-        raise
-    metrics.feedback.labels("accepted").inc()
-    metrics.feedback_score.labels(served.elite).observe(score)
-    return {"object": "feedback", "request_id": served.request_id, "elite": served.elite,
-            "weights": served.weights, "score": score}  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, Summary, generate_latest
 from prometheus_client import Counter as PCounter
@@ -15,7 +16,10 @@ class Metrics:
     """The router's metrics. Counters and histograms only: they need nothing more to work in prometheus-client's
     multiprocess mode, where each worker writes its values to files under ``PROMETHEUS_MULTIPROC_DIR`` (chosen
     when prometheus-client is imported, from that variable) and any worker's ``/metrics`` sums them all. A gauge
-    added here needs a ``multiprocess_mode`` (``livesum``, ``max``...) to mean something across workers."""
+    added here needs a ``multiprocess_mode`` (``livesum``, ``max``...) to mean something across workers.
+
+    Every request counts itself through ``answered``, ``first_byte`` and ``decided``, which keep each labelled child
+    once found (``labels`` takes a lock, converts its values and looks the child up, on every call)."""
 
     def __init__(self) -> None:
         #: Set when prometheus-client keeps its values in files (``cycleqd-router serve --workers N``).
@@ -48,6 +52,28 @@ class Metrics:
         self.feedback_score = Summary(
             "cycleqd_router_feedback_score", "Scores of accepted outcome feedback, per elite", ["elite"], registry=r
         )
+
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        """A request on ``route`` ended with ``status`` after ``seconds``."""
+        self._child(self.requests, route, str(status)).inc()
+        self._child(self.latency, route).observe(seconds)
+
+    def first_byte(self, route: str, seconds: float) -> None:
+        """The upstream's response headers came ``seconds`` after the request did."""
+        self._child(self.ttfb, route).observe(seconds)
+
+    def decided(self, elite: str, skill: str, reason: str) -> None:
+        """An elite answered (its first skill by weight, the decision's reason)."""
+        self._child(self.decisions, elite, skill, reason).inc()
 
     def exposition(self) -> bytes:
         """What ``/metrics`` serves: this router's registry, or with several workers the sum over all of them (and

@@ -7,8 +7,8 @@ A pure ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which costs a ta
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,7 +36,7 @@ class RequestIdMiddleware:
                 trace["tracestate"] = value.decode("latin-1")
         if "traceparent" not in trace:
             trace.pop("tracestate", None)  # meaningless without its parent
-        rid = rid or uuid.uuid4().hex.encode()
+        rid = rid or os.urandom(16).hex().encode()  # unguessable: feedback names a request by its id
         state = scope.setdefault("state", {})
         state["request_id"], state["trace"] = rid.decode(), trace
 

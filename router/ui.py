@@ -6,11 +6,13 @@
 ``/ui/state`` in the header).
 
 The state comes from the router itself: the served manifest and breakers (read when the page asks), the
-Prometheus upstream-error counters, and :class:`UIState`, which ``router.app`` feeds from one call site (the end
-of every proxied request) with what the response headers say: the elite, the engine, the skill weights and the
+Prometheus upstream-error counters, and :class:`UIState`, which ``router.serving`` feeds from one call site (the
+end of every proxied request) with what the response headers say: the elite, the engine, the skill weights and the
 reason, and the tied elites (``x-cycleqd-tie``) when the scores could not separate the best. It keeps a ring
 buffer of recent decisions and per-minute counters of the last half hour, in memory and per replica (a restart
-clears it; Prometheus and Grafana keep the long view).
+clears it; Prometheus and Grafana keep the long view). A request only notes its outcome (``note``: a tuple
+appended); the counting (``record``) happens off the request path, when the page asks and once a second in the
+app's poll loop (``fold``). The routes are ``router.routes.ui``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.resources import files
 from typing import TYPE_CHECKING, Any
-
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
 
 if TYPE_CHECKING:
     from router.decision import Router
@@ -59,10 +57,25 @@ class UIState:
         self.clock = clock
         self.started = clock()
         self.totals = Counter[str]()
+        #: Requests noted but not counted yet: (time, route, status, headers, seconds).
+        self.pending: deque[tuple[float, str, int, Mapping[str, str] | None, float]] = deque()
 
-    def record(self, route: str, status: int, headers: Mapping[str, str] | None, seconds: float) -> None:
-        """One request: its route, final status, the response headers (None when refused early), its time."""
-        now = self.clock()
+    def note(self, route: str, status: int, headers: Mapping[str, str] | None, seconds: float) -> None:
+        """One request, as it ends: kept as it is and counted by ``fold`` (off the request path)."""
+        self.pending.append((self.clock(), route, status, headers, seconds))
+
+    def fold(self) -> None:
+        """Count the requests noted since the last fold (``record`` each, at the time it was noted)."""
+        while self.pending:
+            now, route, status, headers, seconds = self.pending.popleft()
+            self.record(route, status, headers, seconds, now=now)
+
+    def record(
+        self, route: str, status: int, headers: Mapping[str, str] | None, seconds: float, now: float | None = None
+    ) -> None:
+        """One request: its route, final status, the response headers (None when refused early), its time; ``now``:
+        when it ended (default: now)."""
+        now = self.clock() if now is None else now
         h = headers or {}
         reason = h.get("x-cycleqd-reason", "")
         weights = {}
@@ -108,6 +121,7 @@ class UIState:
 
 def snapshot(router: Router, ui: UIState) -> dict[str, Any]:
     """Everything the page shows, as JSON."""
+    ui.fold()
     router.refresh_manifest()
     m = router.manifest
     upstream_errors: Counter[str] = Counter()
@@ -152,20 +166,3 @@ def snapshot(router: Router, ui: UIState) -> dict[str, Any]:
             "margin": router.policy.margin,
         },
     }
-
-
-def ui_routes(router: Router, ui: UIState) -> APIRouter:
-    """``GET /ui`` (the page) and ``GET /ui/state`` (its data), behind the router's API keys like every route
-    (the app's one authentication dependency; the page may carry its key as ``/ui?key=...``)."""
-    api = APIRouter()
-    page = files("router").joinpath("ui.html").read_text()
-
-    @api.get("/ui", response_class=HTMLResponse, include_in_schema=False)
-    async def ui_page(request: Request) -> HTMLResponse:
-        return HTMLResponse(page)
-
-    @api.get("/ui/state", include_in_schema=False)
-    async def ui_state(request: Request) -> dict[str, Any]:
-        return snapshot(router, ui)
-
-    return api

@@ -5,6 +5,11 @@ before the first byte reached the client; a connection-level failure of the last
 Once streaming has begun, an upstream failure ends the stream with an OpenAI-style error event (for the Responses
 API, an ``event: error`` event in its own event sequence). Each attempt is recorded in the engine's circuit breaker
 and in the metrics.
+
+Timeouts cost nothing per chunk: the wait for the response headers is bounded by the client's read timeout
+(``first_byte_s``); once they came, a stream's read timeout becomes ``idle_s``, so a stall between two chunks ends
+the stream (httpcore applies the read timeout to each read of the body, from the request's ``timeout``
+extension as it is when the body is first read).
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import httpx
 from fastapi.responses import Response, StreamingResponse
 
 from router.decision import Router
+from router.errors import APIError, error_body
 from router.policy import RoutingPolicy
-from router.protocol import APIError, error_body
 from serve.manifest import EliteEntry
 
 
@@ -53,12 +58,15 @@ async def forward(
     if router.engine_key:
         sent["authorization"] = f"Bearer {router.engine_key}"
     queue = list(candidates)
+    weights_header = ",".join(f"{k}={v:.3f}" for k, v in weights.items())
+    tied = getattr(candidates, "tied", ())  # the scores could not separate these: load or session chose
     for attempt in range(pol.max_attempts):
         if not queue:
             break
         elite = queue.pop(0)
         engine = elite.engine_id
-        if not router.breaker(engine).acquire():  # half-open, and another request holds the one trial
+        breaker = router.breaker(engine)
+        if not breaker.acquire():  # half-open, and another request holds the one trial
             last_error = f"{engine}: circuit open"
             continue
         url = elite.endpoint.rstrip("/") + route.removeprefix("/v1")
@@ -68,11 +76,11 @@ async def forward(
         payload = json.dumps(sent_body).encode()
         headers = {
             "x-cycleqd-elite": elite.id,
-            "x-cycleqd-skill-weights": ",".join(f"{k}={v:.3f}" for k, v in weights.items()),
+            "x-cycleqd-skill-weights": weights_header,
             "x-cycleqd-reason": reason if attempt == 0 else f"{reason};fallback:{attempt}",
             "x-cycleqd-engine": engine,
         }
-        if tied := getattr(candidates, "tied", ()):  # the scores could not separate these: load or session chose
+        if tied:
             headers["x-cycleqd-tie"] = ",".join(tied)
         router.inflight[engine] += 1
         try:
@@ -80,7 +88,7 @@ async def forward(
             resp = await router.client.send(req, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
             router.inflight[engine] -= 1
-            router.breaker(engine).record(False)
+            breaker.record(False)
             router.metrics.upstream_errors.labels(engine, type(exc).__name__).inc()
             last_error = f"{engine}: {type(exc).__name__}"
             if not queue:
@@ -91,20 +99,20 @@ async def forward(
             continue  # nothing reached the client yet: safe to try the next elite
         except httpx.TimeoutException as exc:
             router.inflight[engine] -= 1
-            router.breaker(engine).record(False)
+            breaker.record(False)
             router.metrics.upstream_errors.labels(engine, "timeout").inc()
             raise APIError(
                 504, f"elite {elite.id} did not answer within {pol.timeouts.first_byte_s} s", "upstream_timeout"
             ) from exc
         except BaseException:  # cancelled (the client left) or a bug: give the trial back, count nothing
             router.inflight[engine] -= 1
-            router.breaker(engine).trial_at = None
+            breaker.trial_at = None
             raise
-        router.metrics.ttfb.labels(route).observe(time.perf_counter() - t0)
+        router.metrics.first_byte(route, time.perf_counter() - t0)
         if resp.status_code >= 500 or resp.status_code in (401, 403):
             await resp.aclose()
             router.inflight[engine] -= 1
-            router.breaker(engine).record(False)
+            breaker.record(False)
             router.metrics.upstream_errors.labels(engine, f"http_{resp.status_code}").inc()
             last_error = f"{engine}: HTTP {resp.status_code}"
             if resp.status_code in (401, 403):  # the client's key is the router's business, not the engine's
@@ -113,20 +121,20 @@ async def forward(
                     "CYCLEQD_ENGINE_KEY_FILE) to the key the engines were started with"
                 )
             continue
-        router.breaker(engine).record(True)
+        breaker.record(True)
         dominant = max(weights, key=weights.__getitem__)
-        router.metrics.decisions.labels(elite.id, dominant, reason.split(":")[0]).inc()
+        router.metrics.decided(elite.id, dominant, reason.split(":")[0])
         ctype = resp.headers.get("content-type", "application/json")
         if stream and resp.status_code == 200:
-            relayed = relay(
-                router, resp, engine, pol.timeouts.idle_s, events="event-stream" in ctype, responses=responses
-            )
+            req.extensions["timeout"] = {**req.extensions["timeout"], "read": pol.timeouts.idle_s}  # between chunks
+            relayed = relay(router, resp, engine, events="event-stream" in ctype, responses=responses)
             return StreamingResponse(relayed, status_code=200, media_type=ctype, headers=headers)
         try:
-            content = await asyncio.wait_for(resp.aread(), pol.timeouts.first_byte_s)
+            async with asyncio.timeout(pol.timeouts.first_byte_s):
+                content = await resp.aread()
         except (httpx.HTTPError, TimeoutError) as exc:
             router.metrics.upstream_errors.labels(engine, "body").inc()
-            router.breaker(engine).record(False)
+            breaker.record(False)
             raise APIError(502, f"elite {elite.id}: the upstream response broke off", "upstream_error") from exc
         finally:
             await resp.aclose()
@@ -136,42 +144,32 @@ async def forward(
 
 
 async def relay(
-    router: Router, resp: httpx.Response, engine: str, idle_s: float, *, events: bool = True, responses: bool = False
+    router: Router, resp: httpx.Response, engine: str, *, events: bool = True, responses: bool = False
 ) -> AsyncIterator[bytes]:
-    """The upstream's stream, chunk by chunk; a break or a stall ends it with an error event and ``[DONE]`` (with
-    ``responses``: the Responses API's ``event: error``, numbered after the last event relayed, and no ``[DONE]``,
-    which that API does not send).
+    """The upstream's stream, chunk by chunk; a break or a stall (a read that waited ``idle_s``: ``forward`` set
+    the read timeout) ends it with an error event and ``[DONE]`` (with ``responses``: the Responses API's ``event:
+    error``, numbered after the last event relayed, and no ``[DONE]``, which that API does not send).
 
     With ``events`` (server-sent events), only whole events are relayed: the bytes after the last blank line wait for
     the rest of their event. So when the upstream breaks off mid-event, the client has seen only complete events,
     and the error event that follows is parsed on its own instead of being glued onto half an event.
     """
-    loop = asyncio.get_running_loop()
     pending = b""  # the start of an event whose end has not arrived yet
     relayed = 0  # whole events relayed: the Responses API numbers its events from 0, so the next is this one
     try:
-        # one timer for the whole stream, re-armed per chunk (cheaper than a wait_for per chunk), and disarmed
-        # while the client consumes a chunk
-        async with asyncio.timeout(None) as idle:
-            chunks = resp.aiter_raw()
-            while True:
-                idle.reschedule(loop.time() + idle_s)
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                idle.reschedule(None)
-                if events:
+        async for chunk in resp.aiter_raw():
+            if events:
+                if pending or not chunk.endswith(b"\n\n"):  # else the chunk is whole events, as engines send them
                     chunk, pending = _whole_events(pending + chunk)
                     if not chunk:
                         continue
-                    if responses:
-                        relayed += chunk.count(b"\n\n") + chunk.count(b"\r\n\r\n")
-                yield chunk
+                if responses:
+                    relayed += chunk.count(b"\n\n") + chunk.count(b"\r\n\r\n")
+            yield chunk
         if pending:
             yield pending  # the stream ended normally without a final blank line: nothing is held back
     except Exception as exc:  # httpx errors, the idle timeout, and anything unexpected: the client is told
-        kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+        kind = "timeout" if isinstance(exc, httpx.TimeoutException | TimeoutError) else type(exc).__name__
         router.metrics.upstream_errors.labels(engine, f"midstream_{kind}").inc()
         router.breaker(engine).record(False)
         err = error_body(502, f"the upstream stream broke off ({kind}); the answer is incomplete", "upstream_error")

@@ -8,7 +8,8 @@ on the same socket). What makes the N processes one router:
 
 - **the policy**: the parent writes the policy it checked to ``policy.json`` in a private state directory, with
   a fresh token; each worker starts from that file (``app_from_env``, uvicorn's app factory) and, in the poll
-  loop it already runs every second, applies any policy published there since. A reload read from the policy
+  loop it already runs every second, applies any policy published there since (``router.policy_sync``). A
+  reload read from the policy
   file by one worker (``POST /admin/reload``, or a SIGHUP sent to that worker) is published there, and so is
   one the parent reads on SIGHUP; so every trigger reaches every worker within about a second, an invalid
   policy reaches none (it is checked before it is published), and a worker started later (a replacement)
@@ -18,7 +19,8 @@ on the same socket). What makes the N processes one router:
 - **session affinity**: already a pure function of the session key and the healthy elites (rendezvous
   hashing, ``router.selection``), so every worker picks the same elite, as separate replicas do.
 - **outcome feedback** with ``store: memory``: a feedback may reach another worker than the one that answered,
-  so the workers' "memory" is one SQLite file in the state directory (``shared_feedback_file``): any worker
+  so the workers' "memory" is one SQLite file in the state directory (``router.policy_sync.shared_feedback_file``):
+  any worker
   attributes any answered request, rates it once, and reads every worker's evidence (``sqlite`` and ``redis``
   are shared by nature).
 
@@ -29,7 +31,6 @@ page's recent decisions, circuit breakers, in-flight counts and the classifier (
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -37,20 +38,18 @@ import signal
 import socket
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
 from prometheus_client import multiprocess
-from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
-from cycleqd.atomic import atomic_file
 from cycleqd.configfile import ConfigError
 from router.policy import RoutingPolicy
+from router.policy_sync import COUNT_ENV, FEEDBACK_FILE, POLICY_PATH_ENV, STATE_ENV, WorkerSync
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -59,77 +58,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cycleqd.router")
 
-#: What the parent tells its workers (environment variables survive uvicorn's spawn; arguments do not).
-STATE_ENV = "CYCLEQD_ROUTER_STATE_DIR"
-COUNT_ENV = "CYCLEQD_ROUTER_WORKERS"
-POLICY_PATH_ENV = "CYCLEQD_ROUTER_POLICY_PATH"
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: How long the parent waits for every worker to finish its start-up before it gives up announcing the URL.
 STARTUP_TIMEOUT_S = 120.0
-#: What ``feedback.store: memory`` is with N workers: this file in the state directory, removed with it at exit.
-FEEDBACK_FILE = "feedback.sqlite"
-
-
-def shared_feedback_file() -> Path | None:
-    """In a worker of ``--workers N`` (N > 1): the SQLite file its ``feedback.store: memory`` lives in, shared by
-    every worker (one process's memory would 404 each feedback that reaches another worker than the one that
-    answered, and each worker would learn from its own share only). None in a single process."""
-    state = os.environ.get(STATE_ENV)
-    try:
-        count = int(os.environ.get(COUNT_ENV, "1"))
-    except ValueError:
-        return None
-    return Path(state) / FEEDBACK_FILE if state and count > 1 else None
-
-
-class WorkerSync:
-    """The policy every worker runs, in ``<state dir>/policy.json``: ``{"token": ..., "policy": {...}}``.
-
-    Replaced whole (written beside it, then renamed), so a reader sees the old file or the new one, never half.
-    Each process remembers the token it runs; a different token there is a reload to apply."""
-
-    def __init__(self, directory: Path, count: int) -> None:
-        self.path = Path(directory) / "policy.json"
-        self.count = count
-        self.seen: str | None = None
-        self._stamp: tuple[int, int] | None = None
-
-    def publish(self, policy: RoutingPolicy) -> None:
-        token = uuid.uuid4().hex
-        with atomic_file(self.path) as tmp:
-            tmp.write_text(json.dumps({"token": token, "policy": policy.model_dump(mode="json")}))
-            self.seen = token  # before the rename: this process's own poll must not apply it a second time
-
-    def current(self) -> RoutingPolicy:
-        """The published policy, now taken as this process's own (a worker's start)."""
-        data = json.loads(self.path.read_text())
-        self.seen = data["token"]
-        return RoutingPolicy.model_validate(data["policy"])
-
-    def follow(self, router: Router) -> bool:
-        """Apply a policy another process published since; a stat per call when nothing changed. True if applied."""
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return False
-        stamp = (st.st_ino, st.st_mtime_ns)
-        if stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return False
-        if data.get("token") == self.seen:
-            return False
-        self.seen = data["token"]
-        try:
-            router.reload_policy(RoutingPolicy.model_validate(data["policy"]))
-        except (ConfigError, ValidationError) as exc:
-            log.error("worker %d: the published policy not applied, the old one stays: %s", os.getpid(), exc)
-            return False
-        log.warning("worker %d: policy reloaded (published by another process)", os.getpid())
-        return True
 
 
 def app_from_env() -> FastAPI:
@@ -195,14 +126,14 @@ class Supervisor(Multiprocess):
     """uvicorn's ``Multiprocess`` supervisor (start N workers, replace one that dies, stop them on SIGINT/SIGTERM)
     with the router's differences: worker i always gets listening socket i, the URL is announced once every
     worker answers, SIGHUP reloads the policy instead of restarting every worker, a dead worker's metric files
-    are marked dead."""
+    are marked dead. ``read_policy`` reads the policy file and checks it (ConfigError), changing nothing."""
 
     def __init__(
-        self, config: uvicorn.Config, sockets: list[socket.socket], *, router: Router, sync: WorkerSync,
-        metrics_dir: Path, announce: Callable[[], None],
+        self, config: uvicorn.Config, sockets: list[socket.socket], *, read_policy: Callable[[], RoutingPolicy],
+        sync: WorkerSync, metrics_dir: Path, announce: Callable[[], None],
     ) -> None:  # fmt: skip
         super().__init__(config, sockets)
-        self.router, self.sync, self.metrics_dir, self.announce = router, sync, metrics_dir, announce
+        self.read_policy, self.sync, self.metrics_dir, self.announce = read_policy, sync, metrics_dir, announce
         self.announced = False
 
     def new_process(self, idx: int) -> Process:
@@ -251,18 +182,15 @@ class Supervisor(Multiprocess):
 
     def handle_hup(self) -> None:
         """SIGHUP: read and check the policy file here, then publish it to every worker (uvicorn's own SIGHUP
-        restarts every worker instead: a classifier rebuilt per worker, for nothing)."""
+        restarts every worker instead: a classifier rebuilt per worker, for nothing). The parent serves nothing,
+        so it only passes the policy on."""
         try:
-            self.router.refresh_manifest(force=True)
-            new, manifests = self.router.read_policy()
+            new = self.read_policy()
         except ConfigError as exc:
             log.error("policy not reloaded, the old one stays: %s", exc)
             return
-        self.router.policy, self.router.manifests = new, manifests
         self.sync.publish(new)
-        log.warning(
-            "policy reloaded from %s (SIGHUP); every worker applies it within a second", self.router.policy_path
-        )
+        log.warning("policy reloaded (SIGHUP); every worker applies it within a second")
 
     def handle_ttin(self) -> None:
         log.warning("SIGTTIN ignored: restart with another --workers (each worker's rate-limit share is 1/N)")
@@ -300,7 +228,6 @@ def serve_workers(
             except Exception as exc:  # sqlite3.Error, OSError
                 raise ConfigError(f"feedback.store memory: cannot create the workers' shared file ({exc})") from exc
         sync.publish(router.policy)
-        router.workers = sync
         os.environ.update({
             METRICS_ENV: str(metrics_path), STATE_ENV: str(root), COUNT_ENV: str(workers),
             POLICY_PATH_ENV: str(router.policy_path or ""),
@@ -314,7 +241,12 @@ def serve_workers(
             socks = listen_sockets(host, port, workers, config.backlog)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        sup = Supervisor(config, socks, router=router, sync=sync, metrics_dir=metrics_path, announce=announce)
+
+        def read_policy() -> RoutingPolicy:  # against the manifest as it is now
+            router.refresh_manifest(force=True)
+            return router.read_policy()[0]
+
+        sup = Supervisor(config, socks, read_policy=read_policy, sync=sync, metrics_dir=metrics_path, announce=announce)
         try:
             sup.run()
         finally:

@@ -14,8 +14,8 @@ import uvicorn
 
 from router.app import Router, create_app
 from router.policy import RoutingPolicy
-from testkit.router_fakes import FakeUpstream
 from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
+from testkit.router_fakes import FakeUpstream
 
 SKILLS = ["code", "os", "db"]
 #: Per-skill scores of three fake elites: each is best at one skill.
@@ -43,7 +43,7 @@ def classifier():
 @functools.cache
 def world_exemplars() -> dict:
     """The skill world's prompts per split, as `cycleqd-serve` puts them in the manifest for a world run."""
-    from evolve.run import EvolveConfig
+    from evolve.run_config import EvolveConfig
     from serve.materialise import skill_exemplars
 
     return {s: e.model_dump() for s, e in skill_exemplars(EvolveConfig(skills=SKILLS)).items()}

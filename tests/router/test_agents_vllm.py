@@ -11,8 +11,9 @@ import pytest
 
 from evolve.evaluators import get_skill
 from serve.manifest import load_manifest
+from tests.conftest import stop_process
 from tests.router.conftest import RunningRouter
-from tests.serve.test_engines import ENGINE_KEY, _start
+from tests.serve.test_engines import ENGINE_KEY, READY_S, STOP_S, _start
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ def test_responses_and_tool_chats_through_the_router_equal_the_engine(tmp_path, 
     monkeypatch.setenv("CYCLEQD_ENGINE_KEY", ENGINE_KEY)
     tools = {"enable_auto_tool_choice": True, "tool_call_parser": "pythonic"}  # needs no special tokens
     proc, manifest_path, _ = _start(
-        tmp_path, mini_run, wait_s=600, measure_truncation=False, tool_calling=tools, readiness_timeout_s=600
+        tmp_path, mini_run, measure_truncation=False, tool_calling=tools, readiness_timeout_s=READY_S
     )  # a shared, loaded machine: the engine may take minutes to start
     try:
         elite = load_manifest(manifest_path).elites[0]
@@ -89,6 +90,5 @@ def test_responses_and_tool_chats_through_the_router_equal_the_engine(tmp_path, 
             assert got_chat.choices[0].message.content == want_chat.choices[0].message.content
             assert got_chat.choices[0].message.tool_calls == want_chat.choices[0].message.tool_calls
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=90)
+        stop_process(proc, signal.SIGTERM, STOP_S)
     assert proc.returncode == 0

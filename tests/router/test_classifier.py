@@ -119,7 +119,7 @@ def test_the_router_never_imports_torch_or_vllm():
         "bad = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
 
 

@@ -256,7 +256,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_sqlite_is_safe_for_several_processes_on_one_file(tmp_path):
+def test_sqlite_is_safe_for_several_processes_on_one_file(tmp_path, spawn):
     """Four processes add to the same evidence and race to rate the same request: every increment counts, and the
     request is rated exactly once."""
     db = tmp_path / "shared.sqlite"
@@ -264,12 +264,10 @@ def test_sqlite_is_safe_for_several_processes_on_one_file(tmp_path):
     store.put_served([(Served("shared", "coder", {"code": 1.0}), None)], 60)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(db), "100", f"p{i}"], env=env, stdout=subprocess.PIPE, text=True
-        )
+        spawn([sys.executable, "-c", WORKER, str(db), "100", f"p{i}"], env=env, stdout=subprocess.PIPE, text=True)
         for i in range(4)
     ]
-    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    outs = [p.communicate(timeout=600)[0].strip() for p in procs]  # a hang guard
     assert all(p.returncode == 0 for p in procs)
     assert sorted(outs) == sorted(["claimed", ALREADY_RATED, ALREADY_RATED, ALREADY_RATED])
     assert SQLiteStore(db).load() == {("coder", "code"): (400.0, 200.0)}
@@ -304,7 +302,7 @@ def test_with_several_workers_the_memory_store_is_the_workers_shared_file(tmp_pa
     workers' Feedback objects see each other's attributions, ratings and evidence; in one process it is a dict."""
     from router.feedback import Feedback, open_store
     from router.feedback_stores import MemoryStore
-    from router.workers import COUNT_ENV, FEEDBACK_FILE, STATE_ENV, shared_feedback_file
+    from router.policy_sync import COUNT_ENV, FEEDBACK_FILE, STATE_ENV, shared_feedback_file
 
     policy = RoutingPolicy.model_validate({"feedback": {"enabled": True}}).feedback
     monkeypatch.delenv(STATE_ENV, raising=False)

@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 from router.feedback_stores import ALREADY_RATED, RedisStore, Served
-from testkit.router_fakes import FakeUpstream
 from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
+from testkit.router_fakes import FakeUpstream
+from tests.conftest import stop_process
 from tests.router.conftest import ELITES, SKILLS, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +50,7 @@ def redis_url(tmp_path) -> Iterator[str]:
         [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"redis://127.0.0.1:{port}/0"
     try:
@@ -60,11 +62,10 @@ def redis_url(tmp_path) -> Iterator[str]:
             except redis.ConnectionError:
                 return False
 
-        wait_for(ping, 20, "redis-server")
+        wait_for(ping, 120, "redis-server")  # hang guards, here and below: each wait ends on its condition
         yield url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc, timeout=60)
 
 
 def test_redis_store_adds_up_claims_once_and_forgets_expired(redis_url):
@@ -93,7 +94,7 @@ class RouterProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router", "serve", "--policy", str(policy), "--port", str(self.port)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
         )  # fmt: skip
 
     def wait_ready(self) -> None:
@@ -101,16 +102,10 @@ class RouterProcess:
             assert self.proc.poll() is None, f"router exited: see {self.log.name}"
             return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
 
-        wait_for(up, 90, f"router on {self.url}")
+        wait_for(up, 600, f"router on {self.url}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, signal.SIGTERM, 60)
         self.log.close()
 
 
@@ -119,7 +114,7 @@ def chat_code(url: str) -> httpx.Response:
         f"{url}/v1/chat/completions",
         json={"model": "auto", "messages": [{"role": "user", "content": "write a function"}]},
         headers={"x-cycleqd-skill-weights": "code=1"},
-        timeout=10,
+        timeout=60,
     )
     assert resp.status_code == 200, resp.text
     return resp
@@ -153,7 +148,7 @@ def test_two_router_processes_share_feedback_through_redis(tmp_path, redis_url):
         # router one, which took no feedback itself, sees the posterior and routes code elsewhere
         wait_for(
             lambda: httpx.get(f"{one.url}/v1/feedback").json()["elites"]["coder"]["code"]["failures"] == 2.0,
-            10, "router one to read the shared evidence",
+            120, "router one to read the shared evidence",
         )  # fmt: skip
         s1, s2 = (httpx.get(f"{r.url}/v1/feedback").json()["elites"] for r in (one, two))
         assert s1 == s2 and s1["coder"]["code"]["mean"] == pytest.approx(3.8 / 6)
@@ -191,4 +186,4 @@ def test_when_redis_goes_away_routing_goes_on_and_feedback_answers_503(start_rou
     assert chat_code(r.url).headers["x-cycleqd-elite"] == "coder"  # ranking never waits for the store
     resp = httpx.post(f"{r.url}/v1/feedback", json={"request_id": rid, "score": 1}, timeout=30)
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "feedback_store_unavailable"
-    wait_for(lambda: httpx.get(f"{r.url}/v1/feedback").json()["sync_error"], 15, "the sync error to show")
+    wait_for(lambda: httpx.get(f"{r.url}/v1/feedback").json()["sync_error"], 120, "the sync error to show")

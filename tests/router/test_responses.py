@@ -73,7 +73,8 @@ def test_responses_are_routed_like_chat_and_forwarded_to_the_engines_responses_e
     # documented in the OpenAPI schema
     spec = httpx.get(f"{r.url}/openapi.json").json()
     body = spec["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body["required"] == ["model", "input"]
+    assert body == {"$ref": "#/components/schemas/ResponsesRequest"}  # the request model itself
+    assert spec["components"]["schemas"]["ResponsesRequest"]["required"] == ["model", "input"]
 
 
 def test_a_failing_engine_is_retried_before_the_first_byte_for_responses(start_router, upstreams):

@@ -11,8 +11,9 @@ import pytest
 
 from evolve.evaluators import format_prompt, get_skill
 from serve.manifest import load_manifest
+from tests.conftest import stop_process
 from tests.router.conftest import RunningRouter
-from tests.serve.test_engines import ENGINE_KEY, _start
+from tests.serve.test_engines import ENGINE_KEY, STOP_S, _start
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +69,5 @@ def test_router_forwards_to_vllm_engines_sync_async_and_streaming(tmp_path, mini
             ]
             assert asyncio.run(concurrent()) == want
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=90)
+        stop_process(proc, signal.SIGTERM, STOP_S)
     assert proc.returncode == 0
