@@ -26,7 +26,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from evolve.run import STATE_FILE, Evolution, EvolveConfig, archive_ids, genomes_equal
+from evolve.run import Evolution
+from evolve.run_config import EvolveConfig
+from evolve.rundir import STATE_FILE, archive_ids, genomes_equal
 
 
 def main() -> None:

@@ -31,7 +31,8 @@ from rich.table import Table
 
 from cycleqd.configfile import load_yaml_model
 from evolve.models.hf import inspect_model, resolve_dtype
-from evolve.run import Evolution, EvolveConfig
+from evolve.run import Evolution
+from evolve.run_config import EvolveConfig
 
 
 def _sync(device: torch.device) -> None:

@@ -96,7 +96,7 @@ def main() -> None:
     )  # fmt: skip
     port = int(up.stdout.readline())  # type: ignore[union-attr]
     upstream = f"http://127.0.0.1:{port}"
-    from evolve.run import EvolveConfig
+    from evolve.run_config import EvolveConfig
     from serve.materialise import skill_exemplars
 
     # the skill world's exemplars, as cycleqd-serve writes them for a world run (the classifier learns from them)

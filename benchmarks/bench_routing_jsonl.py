@@ -34,7 +34,7 @@ from evolve.evaluators import SPLITS, build_evaluators, get_skill
 from evolve.evaluators.world.code import INT_INPUTS, LIST_INPUTS, SPECS
 from evolve.evaluators.world.db import build_database
 from evolve.models.modeling import load_model
-from evolve.run import EvolveConfig
+from evolve.run_config import EvolveConfig
 from router.app import Router
 from router.policy import RoutingPolicy
 from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest

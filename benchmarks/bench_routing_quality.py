@@ -40,9 +40,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cycleqd.configfile import load_yaml_model
+from router.conversation import request_text
 from router.decision import Router
 from router.policy import RoutingPolicy
-from router.protocol import request_text
 from serve.config import ServeConfig
 from serve.manifest import Health, ServingManifest, load_manifest
 from serve.materialise import Artifact, Scorer, calibration_size

@@ -33,7 +33,8 @@ def _measure(run: Path, mode: str, children: int) -> dict:
         import vllm._custom_ops as ops
 
         ops._supports_onednn = False  # read by vLLM's CPU GEMM dispatch when the layers are processed
-    from evolve.run import Evolution, load_run_config
+    from evolve.run import Evolution
+    from evolve.rundir import load_run_config
 
     ev = Evolution(run, load_run_config(run), resume=True)
     ids = sorted(ev.state.genomes)[:children]
@@ -70,7 +71,7 @@ def main() -> None:
         return
     if not (args.run / "run.json").is_file():
         raise SystemExit(f"{args.run} is not a run directory (no run.json): run `cycleqd-evolve run` or `make real`")
-    from evolve.run import load_run_config
+    from evolve.rundir import load_run_config
 
     engine = load_run_config(args.run).engine  # checked here, before two engines are built for nothing
     if engine != "vllm":

@@ -24,7 +24,7 @@ from cycleqd.configfile import load_yaml_model
 from evolve.engines.hf import TransformersEngine
 from evolve.evaluators import build_evaluators, score_skills
 from evolve.models.modeling import load_model
-from evolve.run import load_run
+from evolve.rundir import load_run
 from serve.config import ServeConfig
 from serve.select import select
 

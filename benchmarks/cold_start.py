@@ -40,7 +40,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 from reliability_router import PASSTHROUGH, free_port
 
-from evolve.run import EvolveConfig
+from evolve.run_config import EvolveConfig
 from serve.manifest import EliteEntry, EngineEntry, Health, ServingManifest, save_manifest
 from serve.materialise import skill_exemplars
 from testkit.router_fakes import FakeUpstream

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evolve.bootstrap import run_bootstrap  # noqa: E402
-from evolve.run import RUN_FILE, STATE_FILE, RunState, archive_ids, genomes_equal  # noqa: E402
+from evolve.rundir import RUN_FILE, STATE_FILE, RunState, archive_ids, genomes_equal  # noqa: E402
 from tests.evolve.minis import mini_bootstrap_config, mini_evolve_config  # noqa: E402
 
 console = Console()

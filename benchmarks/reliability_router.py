@@ -1,14 +1,19 @@
-"""Router reliability under load: 10,000 requests at concurrency 64, half streaming, against the fake upstream.
+"""Router reliability under load: the router against a bare pass-through, at concurrency 64 and 1, in one run.
 
-Three processes besides this one: the fake upstream (``router.testing.FakeUpstream``), the router
-(``cycleqd-router serve``, routing by alias so every request takes the full path but the classifier) and, as the
-baseline measured in the same run, a bare Starlette + httpx pass-through that forwards the same bytes to the same
-upstream. Each gets the same load, in alternating blocks (see ``load``); the table compares latency percentiles as
-router / pass-through ratios. Also: errors (any non-200, a stream without its ``[DONE]`` or with an error event) and
-each server's resident memory at its 1,000th request and at its last (growth must stay under 10%). The router's
-start-up is measured by ``benchmarks/cold_start.py``.
+Three processes besides this one: the fake upstream (``testkit.router_fakes.FakeUpstream``, streams of ``--chunks``
+events), the router (``cycleqd-router serve``, routing by alias so every request takes the full path but the
+classifier) and, as the baseline measured in the same run, a bare Starlette + httpx pass-through that forwards the
+same bytes to the same upstream. ``--before DIR`` adds a fourth: the router package found in ``DIR`` (a copy of
+``router/`` from before a change, say), so that a change is measured before and after under the same load.
 
-    .venv/bin/python benchmarks/reliability_router.py [--requests 10000] [--concurrency 64] [--block 1000]
+Each cell (a concurrency and its request count: 2,000 at 64, then 1,000 at 1 by default) sends the same requests,
+half of them streaming, to every target in alternating blocks (see ``load``); the table compares each router's
+CPU per request and latency percentiles with the pass-through's as ratios. Also: errors (any non-200, a stream
+without its ``[DONE]`` or with an error event) and each server's resident memory at its 1,000th request and at its
+last (growth must stay under 10%). The router's start-up is measured by ``benchmarks/cold_start.py``.
+
+    .venv/bin/python benchmarks/reliability_router.py [--concurrency 64,1] [--requests 2000,1000] [--chunks 16]
+        [--block 500] [--before DIR]
 """
 
 from __future__ import annotations
@@ -123,16 +128,17 @@ class Target:
     rss: dict[str, int] = field(default_factory=dict)
     busy_s: float = 0.0
     cpu_s: float = 0.0
+    cells: dict[int, dict] = field(default_factory=dict)  # per concurrency: what ``load`` measured there
 
 
-async def load(targets: list[Target], n: int, concurrency: int, block: int) -> None:
+async def load(targets: list[Target], n: int, concurrency: int, block: int, last: int) -> None:
     """``n`` requests to each target (every other one streaming) from ``concurrency`` workers, in blocks of
     ``block`` that alternate between the targets (ABBA order).
 
     Interleaving is what makes the comparison fair on a shared machine: run one after the other, the two runs met
     different background load (on 2 busy cores the same pass-through measured p99 1.1 s in one run and 2.9 s in the
     next), and that difference, not the router, was most of the "p99 ratio". RSS of each target is sampled at its
-    1,000th request and at its last."""
+    1,000th request and at its ``last`` (counted over every cell of the run)."""
     bodies = [
         {"model": "", "messages": [{"role": "user", "content": f"def add{i % 97}(a, b):"}], "max_tokens": 8,
          "stream": i % 2 == 1}
@@ -157,7 +163,7 @@ async def load(targets: list[Target], n: int, concurrency: int, block: int) -> N
                     if err:
                         t.errors[err] = t.errors.get(err, 0) + 1
                     t.done += 1
-                    if t.done in (1000, n):
+                    if t.done in (1000, last):
                         t.rss[str(t.done)] = procs[t.name].memory_info().rss
 
             t0, c0 = time.perf_counter(), sum(procs[t.name].cpu_times()[:2])
@@ -169,37 +175,69 @@ async def load(targets: list[Target], n: int, concurrency: int, block: int) -> N
             ids = range(lo, min(n, lo + block))
             for t in targets if k % 2 == 0 else targets[::-1]:
                 await run_block(t, ids)
+        for t in targets:  # this cell's figures are complete: the next cell starts from zero (RSS spans the run)
+            t.cells[concurrency] = {"lat": t.lat, "errors": t.errors, "busy_s": t.busy_s, "cpu_s": t.cpu_s}
+            t.lat, t.errors, t.busy_s, t.cpu_s = {"stream": [], "json": []}, {}, 0.0, 0.0
     finally:
         for c in clients.values():
             await c.aclose()
 
 
-def summary(t: Target, n: int) -> dict:
-    lat = t.lat["stream"] + t.lat["json"]
-    out = {
-        "requests": len(lat), "errors": sum(t.errors.values()), "error_kinds": t.errors,
-        "requests_per_s": len(lat) / t.busy_s, "cpu_ms_per_request": 1e3 * t.cpu_s / len(lat),
+def summary(cell: dict) -> dict:
+    """One target's figures in one cell (``Target.cells[concurrency]``)."""
+    lat = cell["lat"]["stream"] + cell["lat"]["json"]
+    return {
+        "requests": len(lat), "errors": sum(cell["errors"].values()), "error_kinds": cell["errors"],
+        "requests_per_s": len(lat) / cell["busy_s"], "cpu_ms_per_request": 1e3 * cell["cpu_s"] / len(lat),
         **{f"p{q}_ms": 1e3 * pct(lat, q / 100) for q in (50, 90, 99)}, "max_ms": 1e3 * max(lat),
-        **{f"{k}_p{q}_ms": 1e3 * pct(v, q / 100) for k, v in t.lat.items() for q in (50, 99)},
-        "rss_at_1000_mib": t.rss.get("1000", 0) / 2**20, "rss_at_end_mib": t.rss.get(str(n), 0) / 2**20,
+        **{f"{k}_p{q}_ms": 1e3 * pct(v, q / 100) for k, v in cell["lat"].items() for q in (50, 99)},
     }  # fmt: skip
+
+
+def memory(t: Target, last: int) -> dict:
+    out = {"rss_at_1000_mib": t.rss.get("1000", 0) / 2**20, "rss_at_end_mib": t.rss.get(str(last), 0) / 2**20}
     out["rss_growth"] = out["rss_at_end_mib"] / out["rss_at_1000_mib"] - 1 if out["rss_at_1000_mib"] else None
     return out
 
 
+RATIOS = ("cpu_ms_per_request", "p50_ms", "p90_ms", "p99_ms", "max_ms", "stream_p99_ms", "json_p99_ms")
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def start_router(policy: Path, port: int, env: dict[str, str], source: Path | None = None) -> subprocess.Popen:
+    """``cycleqd-router serve`` on ``port``; with ``source``, the ``router`` package found there (the rest of the
+    project from this checkout)."""
+    if source is not None:
+        env = dict(env, PYTHONPATH=os.pathsep.join([str(source), env.get("PYTHONPATH", "")]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "router", "serve", "--policy", str(policy), "--port", str(port)],
+        stdout=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=10_000)
-    ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--block", type=int, default=1000, help="requests per block; blocks alternate between targets")
+    ap.add_argument("--concurrency", default="64,1", help="the cells' concurrencies, comma-separated")
+    ap.add_argument("--requests", default="2000,1000", help="requests per target in each cell, comma-separated")
+    ap.add_argument("--chunks", type=int, default=16, help="events per upstream stream")
+    ap.add_argument("--block", type=int, default=500, help="requests per block; blocks alternate between targets")
+    ap.add_argument("--before", type=Path, help="a directory holding another router package, measured alongside")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reliability_router.json")
     args = ap.parse_args()
+    cells = list(zip(ints(args.concurrency), ints(args.requests), strict=True))
+    total = sum(n for _, n in cells)
+    if args.before is not None and not (args.before / "router" / "__init__.py").is_file():
+        ap.error(f"--before {args.before}: no router package there")
     tmp = Path(tempfile.mkdtemp(prefix="reliability-router-"))
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     procs: list[subprocess.Popen] = []
     up = subprocess.Popen(
-        [sys.executable, "-c", "from testkit.router_fakes import FakeUpstream; import time; u = FakeUpstream().start();"
-         " print(u.port, flush=True); time.sleep(1e9)"],
+        [sys.executable, "-c", "from testkit.router_fakes import FakeUpstream; import sys, time; "
+         "u = FakeUpstream(chunks=int(sys.argv[1])).start(); print(u.port, flush=True); time.sleep(1e9)",
+         str(args.chunks)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     procs.append(up)
@@ -214,53 +252,62 @@ def main() -> None:
         policy = {"manifest": str(tmp / "manifest.json"), "cache_dir": str(tmp / "cache"),
                   "classifier": {"exemplars_per_skill": 20}}  # fmt: skip
         (tmp / "policy.yaml").write_text(yaml.safe_dump(policy))
-        rport, pport = free_port(), free_port()
-        router = subprocess.Popen(
-            [sys.executable, "-m", "router", "serve", "--policy", str(tmp / "policy.yaml"), "--port", str(rport)],
-            stdout=subprocess.DEVNULL, env=env,
-        )  # fmt: skip
+        routers = [("router", None)] + ([("router (before)", args.before.resolve())] if args.before else [])
+        ports = {name: free_port() for name, _ in routers}
+        started = {name: start_router(tmp / "policy.yaml", ports[name], env, src) for name, src in routers}
+        pport = free_port()
         passthrough = subprocess.Popen([sys.executable, "-c", PASSTHROUGH, upstream, str(pport)], env=env)
-        procs += [router, passthrough]
-        wait_http(f"http://127.0.0.1:{rport}/health")
+        procs += [*started.values(), passthrough]
+        for name in started:
+            wait_http(f"http://127.0.0.1:{ports[name]}/health")
         wait_http(f"http://127.0.0.1:{pport}/v1/chat/completions")
-        time.sleep(3)  # the router's background classifier build (small here) is done before the load starts
+        time.sleep(3)  # the routers' background classifier build (small here) is done before the load starts
         targets = [
-            Target("router", f"http://127.0.0.1:{rport}/v1/chat/completions", "coder", router.pid),
+            *(Target(name, f"http://127.0.0.1:{ports[name]}/v1/chat/completions", "coder", started[name].pid)
+              for name in started),
             Target("pass-through", f"http://127.0.0.1:{pport}/v1/chat/completions", "fake", passthrough.pid),
-        ]
-        asyncio.run(load(targets, args.requests, args.concurrency, args.block))
-        results = {t.name: summary(t, args.requests) for t in targets}
+        ]  # fmt: skip
+        for conc, n in cells:
+            asyncio.run(load(targets, n, conc, min(args.block, n), total))
+        results = {str(conc): {t.name: summary(t.cells[conc]) for t in targets} for conc, _ in cells}
+        mem = {t.name: memory(t, total) for t in targets}
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(30)
-    console = Console(width=160)
-    table = Table(title=f"{args.requests} requests at concurrency {args.concurrency}, half streaming (ms)")
-    cols = ("target", "errors", "p50", "p90", "p99", "max", "stream p99", "json p99", "req/s", "CPU ms/req",
-            "RSS @1000 / end (MiB)", "RSS growth")  # fmt: skip
-    for c in cols:
+    console = Console(width=170)
+    ratios: dict[str, dict[str, dict[str, float]]] = {}
+    for conc, n in cells:
+        res = results[str(conc)]
+        table = Table(title=f"{n} requests at concurrency {conc}, half streaming, {args.chunks} chunks a stream (ms)")
+        cols = ("target", "errors", "CPU ms/req", "p50", "p90", "p99", "max", "stream p99", "json p99", "req/s")
+        for c in cols:
+            table.add_column(c, justify="right")
+        for name, r in res.items():
+            table.add_row(
+                name, str(r["errors"]), f"{r['cpu_ms_per_request']:.2f}", f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}",
+                f"{r['p99_ms']:.1f}", f"{r['max_ms']:.1f}", f"{r['stream_p99_ms']:.1f}", f"{r['json_p99_ms']:.1f}",
+                f"{r['requests_per_s']:.0f}",
+            )  # fmt: skip
+        pt = res["pass-through"]
+        ratios[str(conc)] = {}
+        for name in started:
+            q = ratios[str(conc)][name] = {k: res[name][k] / pt[k] for k in RATIOS}
+            table.add_row(f"{name} / pass-through", "", *(f"{q[k]:.2f}x" for k in RATIOS), "")
+        console.print(table)
+    table = Table(title=f"resident memory over the run ({total} requests a target)")
+    for c in ("target", "RSS @1000 (MiB)", "RSS at the end (MiB)", "growth"):
         table.add_column(c, justify="right")
-    for name, r in results.items():
-        table.add_row(
-            name, str(r["errors"]), f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}",
-            f"{r['max_ms']:.1f}", f"{r['stream_p99_ms']:.1f}", f"{r['json_p99_ms']:.1f}", f"{r['requests_per_s']:.0f}",
-            f"{r['cpu_ms_per_request']:.2f}",
-            f"{r['rss_at_1000_mib']:.1f} / {r['rss_at_end_mib']:.1f}",
-            "-" if r["rss_growth"] is None else f"{100 * r['rss_growth']:+.1f}%",
-        )  # fmt: skip
-    rt, pt = results["router"], results["pass-through"]
-    ratios = {k: rt[k] / pt[k] for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "stream_p99_ms", "json_p99_ms")}
-    ratios["cpu_ms_per_request"] = rt["cpu_ms_per_request"] / pt["cpu_ms_per_request"]
-    table.add_row(
-        "router / pass-through", "", *(f"{ratios[k]:.2f}x" for k in ratios if k != "cpu_ms_per_request"), "",
-        f"{ratios['cpu_ms_per_request']:.2f}x", "", "",
-    )  # fmt: skip
+    for name, r in mem.items():
+        growth = "-" if r["rss_growth"] is None else f"{100 * r['rss_growth']:+.1f}%"
+        table.add_row(name, f"{r['rss_at_1000_mib']:.1f}", f"{r['rss_at_end_mib']:.1f}", growth)
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": platform.platform(), "cpus": os.cpu_count(), "concurrency": args.concurrency,
-              "block": args.block,
-              "results": results, "ratios": ratios}  # fmt: skip
+    result = {"machine": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+              "chunks": args.chunks, "block": args.block,
+              "cells": [{"concurrency": c, "requests": n} for c, n in cells],
+              "results": results, "ratios": ratios, "memory": mem}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {args.out}")
 
