@@ -26,8 +26,8 @@ from rich.table import Table
 
 from evolve.evaluators import SKILL_NAMES, format_prompt, get_skill
 from serve.config import Selection, ServeConfig
+from serve.engine import rss_gib
 from serve.service import build_supervisor, preflight, prepare
-from serve.supervisor import rss_gib
 
 
 async def throughput(engine, models: list[str], prompts: list[str], n: int, conc: int) -> float:

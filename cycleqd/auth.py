@@ -1,5 +1,5 @@
 """The engine key and the Bearer-key check, shared by the router (``router.app``, ``router.decision``) and the
-supervisor (``serve.supervisor``, ``serve.admin``).
+supervisor (``serve.engine``, ``serve.admin``).
 
 The engine key is what every vLLM engine is started with (``vllm serve --api-key``) and what the router presents to
 them: ``CYCLEQD_ENGINE_KEY``, else the contents of the file named by ``CYCLEQD_ENGINE_KEY_FILE``; ``cycleqd-serve``

@@ -86,7 +86,9 @@ def serve(
 
     def announce() -> None:
         more = f", {workers} workers" if workers > 1 else ""
-        console.print(f"cycleqd-router on http://{host}:{port}/v1, manifest {', '.join(pol.manifests)}{more}")
+        console.print(
+            f"cycleqd-router on http://{host}:{port}/v1, manifest {', '.join(pol.manifests)}{more}", soft_wrap=True
+        )  # one line however long the paths: scripts read it
         sys.stdout.flush()
 
     if workers > 1:

@@ -20,7 +20,8 @@ from pydantic import BaseModel
 from cycleqd.auth import bearer_token, key_matches
 from evolve.rundir import RunError
 from serve.materialise import MaterialiseError
-from serve.supervisor import ServeError, Supervisor
+from serve.preflight import ServeError
+from serve.supervisor import Supervisor
 
 
 class AddElite(BaseModel):

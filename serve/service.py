@@ -14,6 +14,7 @@ from pathlib import Path
 
 from evolve.rundir import Bases, EvolveConfig, RunState, load_run
 from serve.config import Selection, ServeConfig
+from serve.engine import Engine
 from serve.manifest import ServingManifest
 from serve.materialise import (
     Artifact,
@@ -26,8 +27,9 @@ from serve.materialise import (
     skill_exemplars,
 )
 from serve.plan import Plan, make_plan, model_size
+from serve.preflight import ServeError, check_vllm, port_in_use
 from serve.select import Selected, select
-from serve.supervisor import Engine, ServeError, Supervisor, check_vllm, elite_entry, port_in_use
+from serve.supervisor import Supervisor, elite_entry
 
 
 @dataclass

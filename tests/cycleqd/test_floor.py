@@ -81,7 +81,7 @@ def test_every_user_facing_error_is_a_user_error_and_keeps_its_base():
     from serve.manifest import ManifestError
     from serve.materialise import MaterialiseError
     from serve.plan import PlanError
-    from serve.supervisor import ServeError
+    from serve.preflight import ServeError
 
     bases = {
         ConfigError: ValueError, RunError: RuntimeError, EvaluatorError: ValueError, BasisError: Exception,

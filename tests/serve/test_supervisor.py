@@ -20,11 +20,13 @@ import torch
 
 from cycleqd.auth import ENGINE_KEY_ENV, ENGINE_KEY_FILE_ENV, GENERATED_KEY_FILE
 from serve.config import Device, ServeConfig
+from serve.engine import Engine
 from serve.manifest import Health, ServingManifest
 from serve.materialise import Artifact
 from serve.plan import EnginePlan
+from serve.preflight import ServeError, resolve_engine_key
 from serve.select import Selected
-from serve.supervisor import Engine, ServeError, Supervisor, resolve_engine_key
+from serve.supervisor import Supervisor
 from tests.router.conftest import free_port
 
 KEY = "engine-key-for-tests"

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from serve.config import Device, ServeConfig
+from serve.engine import Engine, cpu_shares
 from serve.manifest import Health, ServingManifest
 from serve.plan import EnginePlan
-from serve.supervisor import Engine, Supervisor, cpu_shares
+from serve.supervisor import Supervisor
 from tests.router.conftest import free_port
 
 # Stands in for a vLLM server: starts a child (vLLM's EngineCore) and a thread, records the nice each saw, then
@@ -143,8 +144,8 @@ def test_an_unprivileged_start_says_it_runs_at_normal_priority(tmp_path, monkeyp
     cfg = ServeConfig(out=tmp_path / "serve", port=port, admin_port=free_port())
     engine = _engine(tmp_path, port, [sys.executable, "-c", "import time; time.sleep(600)"])
     engine.log = tmp_path / "engine-0.log"
-    monkeypatch.setattr("serve.supervisor._engine_child", lambda nice: lambda: None)  # the child's setpriority fails
-    monkeypatch.setattr("serve.supervisor.set_autogroup_nice", lambda pid, nice: False)
+    monkeypatch.setattr("serve.engine._engine_child", lambda nice: lambda: None)  # the child's setpriority fails
+    monkeypatch.setattr("serve.engine.set_autogroup_nice", lambda pid, nice: False)
     try:
         engine.start(cfg)
         assert not engine.boosted and engine.alive()
@@ -159,7 +160,7 @@ def test_engines_on_the_cpu_get_disjoint_cores_for_their_openmp_threads(tmp_path
     assert cpu_shares(1, [0, 1]) == [None]  # alone: vLLM's own binding
     assert cpu_shares(3, [0, 1]) == [None, None, None]  # more engines than cores: no sharing scheme helps
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.setattr("serve.supervisor.os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("serve.engine.os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     cfg = ServeConfig(out=tmp_path / "serve", replicas=2)
     engines = [
         Engine(EnginePlan(f"engine-{i}", Device(), 8100 + i, "full", ["g1"], 1.0, 16), tmp_path / "m", api_key="k")
